@@ -1,0 +1,195 @@
+"""The `aesthetics` command line: parse, build a validated config, call the pipeline, report.
+
+No pipeline logic lives here; every subcommand is a thin shell over a `pipeline` function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+import yaml
+
+from pipeline.config import ConfigError, ScoreConfig, config_from_mapping
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE = 0, 1, 2
+
+TINY_WARNING = (
+    "\n" + "!" * 78 + "\n"
+    "!! TINY RANDOM-WEIGHT MODEL: no CLIP weights were given, so this run uses a tiny\n"
+    "!! open_clip architecture with seeded random weights. Its scores MEAN NOTHING.\n"
+    "!! Every manifest records tiny_random=true. For real scores give --pretrained\n"
+    "!! (a hub tag, or a path/URI of ViT-L-14-quickgelu OpenAI weights).\n"
+    + "!" * 78 + "\n"
+)
+
+
+def _storage_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"storage option {text!r} is not KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _head(text: str) -> dict[str, Any]:
+    uri, _, pin = text.partition(",sha256=")
+    return {"uri": uri, "sha256": pin or None}
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", action="append", required=False,
+                        help="shards: a folder/prefix, a glob, or one .tar; repeat for several (any fsspec URI)")
+    parser.add_argument("--output", help="output prefix (any fsspec URI)")
+    parser.add_argument("--config", help="YAML file with the same settings (flags override it)")
+    parser.add_argument("--model", help="open_clip model name (default ViT-L-14-quickgelu; 'tiny-random' for tests)")
+    parser.add_argument("--pretrained", help="open_clip tag (openai) or a path/URI of a weights file")
+    parser.add_argument("--pretrained-sha256", help="pin for --pretrained when it is a file")
+    parser.add_argument("--head", action="append", type=_head,
+                        help="head name (sac+logos+ava1-l14-linearMSE, sa_0_4_vit_l_14_linear, ...) or a path/URI, "
+                             "optionally ',sha256=HEX'; repeat for several, the first is the primary score")
+    parser.add_argument("--weights-dir", action="append", help="folder (path or URI) searched first for weight files")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--batch-size", type=int, help="images per embed batch")
+    parser.add_argument("--decode-batch-size", type=int)
+    parser.add_argument("--min-actors", type=int)
+    parser.add_argument("--max-actors", type=int)
+    parser.add_argument("--gpus-per-actor", type=float)
+    parser.add_argument("--shards-per-unit", type=int)
+    parser.add_argument("--write-embeddings", action="store_true", default=None)
+    parser.add_argument("--quality-metrics", action="store_true", default=None)
+    parser.add_argument("--exact-decode", action="store_true", default=None,
+                        help="full-size decode (slower) instead of JPEG DCT downscaling")
+    parser.add_argument("--rescore", action="store_true", default=None,
+                        help="redo units scored with another model or head")
+    parser.add_argument("--storage-option", action="append", type=_storage_option,
+                        help="fsspec option KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:9000 (no credentials)")
+
+
+def config_from_args(args: argparse.Namespace) -> ScoreConfig:
+    values: dict[str, Any] = {}
+    if args.config:
+        with open(args.config) as handle:
+            values = yaml.safe_load(handle) or {}
+    model = dict(values.get("model", {}))
+    resources = dict(values.get("resources", {}))
+    decode = dict(values.get("decode", {}))
+    for flag, target, name in [
+        ("model", model, "name"), ("pretrained", model, "pretrained"), ("pretrained_sha256", model, "pretrained_sha256"),
+        ("precision", model, "precision"), ("device", model, "device"),
+        ("batch_size", resources, "embed_batch_size"), ("min_actors", resources, "min_actors"),
+        ("max_actors", resources, "max_actors"), ("gpus_per_actor", resources, "gpus_per_actor"),
+        ("decode_batch_size", decode, "batch_size"), ("quality_metrics", decode, "quality_metrics"),
+    ]:
+        if getattr(args, flag) is not None:
+            target[name] = getattr(args, flag)
+    if args.exact_decode:
+        decode["fast"] = False
+    if resources.get("max_actors") is not None and resources.get("min_actors") is None:
+        resources["min_actors"] = min(resources["max_actors"], 1)
+    values.update(model=model, resources=resources, decode=decode)
+    if args.input:
+        values["input"] = args.input
+    if args.output:
+        values["output"] = args.output
+    if args.head:
+        values["heads"] = args.head
+    if args.weights_dir:
+        values["weights_dirs"] = args.weights_dir
+    if args.shards_per_unit is not None:
+        values["shards_per_unit"] = args.shards_per_unit
+    for flag in ("write_embeddings", "rescore"):
+        if getattr(args, flag) is not None:
+            values[flag] = getattr(args, flag)
+    if args.storage_option:
+        values["storage_options"] = {**values.get("storage_options", {}), **dict(args.storage_option)}
+    if not values.get("input") or not values.get("output"):
+        raise ConfigError("--input and --output are required (or give them in --config)")
+    return config_from_mapping(values)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from pipeline.runner import run_score
+
+    config = config_from_args(args)
+    if config.model.is_tiny_random:
+        print(TINY_WARNING, file=sys.stderr)
+    summary = run_score(config)
+    print_summary(summary)
+    if config.model.is_tiny_random:
+        print(TINY_WARNING, file=sys.stderr)
+    return EXIT_OK if summary.ok else EXIT_RUN_FAILED
+
+
+def print_summary(summary: Any) -> None:
+    print(f"\nrun {summary.run_id}: {len(summary.units_committed)} units committed, "
+          f"{summary.units_done_before} already done, {len(summary.units_failed)} failed, "
+          f"{len(summary.units_stale)} stale (other model; --rescore redoes them)")
+    print(f"rows {summary.rows}, scored {summary.scored}, by status {summary.counts_by_status}, "
+          f"wall {summary.wall_s:.1f}s")
+    for unit_id, reason in summary.units_failed.items():
+        print(f"  FAILED {unit_id}: {reason}", file=sys.stderr)
+    for table in summary.cutoffs:
+        print()
+        print(table.to_markdown())
+    print(f"output: {summary.output} (Parquet under score_band=*/, manifests under _manifests/, "
+          f"cutoffs.md and cutoffs.json beside them)")
+
+
+def cmd_cutoffs(args: argparse.Namespace) -> int:
+    from pipeline.cutoffs import write_cutoffs
+
+    options = dict(args.storage_option or [])
+    tables = write_cutoffs(args.output, options)
+    if not tables:
+        print(f"no committed units under {args.output}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    for table in tables:
+        print(table.to_markdown())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aesthetics", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    score = commands.add_parser("score", help="score shards into partitioned Parquet and print the cutoff table")
+    add_score_arguments(score)
+    score.set_defaults(run=cmd_score)
+
+    cutoffs = commands.add_parser("cutoffs", help="the cutoff table of an output prefix, from its manifests")
+    cutoffs.add_argument("output")
+    cutoffs.add_argument("--storage-option", action="append", type=_storage_option)
+    cutoffs.set_defaults(run=cmd_cutoffs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"aesthetics: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - the top level turns any failure into a clear message
+        from pipeline.errors import explain
+
+        message = explain(exc)
+        if message is None:
+            raise
+        print(f"aesthetics: {message}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

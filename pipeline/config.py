@@ -1,0 +1,246 @@
+"""Typed job configuration, validated once, at the edge.
+
+Everything below is a frozen dataclass whose ``__post_init__`` rejects bad values with a message
+that names the field, so nothing past the CLI needs to re-check its inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and why."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """One weights file: where to get it and the sha256 it must have.
+
+    ``uri`` is a local path, an fsspec URI (s3://, gs://, file://) or an http(s) URL.
+    """
+
+    uri: str
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.uri), "weights uri must not be empty")
+        if self.sha256 is not None:
+            _require(
+                len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256),
+                f"sha256 for {self.uri!r} must be 64 lowercase hex digits, got {self.sha256!r}",
+            )
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """An aesthetic head applied to the L2-normalised image embedding."""
+
+    name: str
+    weights: WeightsSpec
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and self.name.replace("-", "").replace("_", "").replace("+", "").replace(".", "").isalnum(),
+                 f"head name {self.name!r} must be letters, digits, '-', '_', '+' or '.'")
+
+
+_V2_SOURCE = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+_V1_SOURCE = "https://github.com/LAION-AI/aesthetic-predictor/raw/main/"
+
+# The heads we know by name, pinned to the sha256 of their published files.
+KNOWN_HEADS: Mapping[str, HeadSpec] = {
+    spec.name: spec
+    for spec in (
+        HeadSpec("sac+logos+ava1-l14-linearMSE", WeightsSpec(
+            _V2_SOURCE + "sac%2Blogos%2Bava1-l14-linearMSE.pth",
+            "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0")),
+        HeadSpec("ava+logos-l14-linearMSE", WeightsSpec(
+            _V2_SOURCE + "ava%2Blogos-l14-linearMSE.pth",
+            "390a3aafaf3b37d57148f9b22f30556de38343064b7d915acfa80d3812b4c9ff")),
+        HeadSpec("ava+logos-l14-reluMSE", WeightsSpec(
+            _V2_SOURCE + "ava%2Blogos-l14-reluMSE.pth",
+            "0af3254c651d55b7ea851429c20f26ec880bb0169805a4df85b814bd7966f3e4")),
+        HeadSpec("sa_0_4_vit_l_14_linear", WeightsSpec(
+            _V1_SOURCE + "sa_0_4_vit_l_14_linear.pth",
+            "2cd4e60f4f24ae3bcd57b847b13c1f3ba27edc28cc1a7f9ce74ee9f421243cba")),
+        HeadSpec("sa_0_4_vit_b_32_linear", WeightsSpec(
+            _V1_SOURCE + "sa_0_4_vit_b_32_linear.pth",
+            "c7b14cead230694acc7b9447974d3cad78003c72da032e402a303b6c2429e85f")),
+        HeadSpec("sa_0_4_vit_b_16_linear", WeightsSpec(
+            _V1_SOURCE + "sa_0_4_vit_b_16_linear.pth",
+            "8ad3923d7ecf019df20ecd2ab5542a3075fbba0278d239c0371345f3d7fcbde0")),
+    )
+}
+DEFAULT_HEAD = "sac+logos+ava1-l14-linearMSE"
+
+# A random-weight stand-in for CLIP, for tests and for machines that reach no model hub.
+TINY_MODEL = "tiny-random"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The CLIP image tower.
+
+    ``pretrained`` is an open_clip tag ("openai": fetched from the model hub when reachable) or a
+    WeightsSpec URI of a state-dict file (.safetensors, .bin, .pt). ``name == "tiny-random"`` builds
+    a tiny architecture with seeded random weights: its scores mean nothing and every manifest says so.
+    """
+
+    name: str = "ViT-L-14-quickgelu"
+    pretrained: str = "openai"
+    pretrained_sha256: str | None = None
+    precision: str = "fp16"
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model name must not be empty")
+        _require(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.pretrained_sha256 is not None:
+            WeightsSpec(self.pretrained, self.pretrained_sha256)  # validates the digest
+
+    @property
+    def is_tiny_random(self) -> bool:
+        return self.name == TINY_MODEL
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """CPU decode: bytes to a square uint8 image the model's preprocess would produce."""
+
+    fast: bool = True  # JPEG DCT-domain downscaling (Image.draft) before the exact resize
+    max_pixels: int = 89_478_485  # Pillow's own bomb limit; larger images get status image_too_large
+    apply_exif_orientation: bool = True
+    batch_size: int = 64
+    quality_metrics: bool = False  # sharpness / exposure / contrast / colourfulness columns
+
+    def __post_init__(self) -> None:
+        _require(self.max_pixels > 0, f"max_pixels must be positive, got {self.max_pixels}")
+        _require(self.batch_size > 0, f"decode batch_size must be positive, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """How the job asks Ray for resources.
+
+    ``gpus_per_actor=None`` means: one GPU per embed actor when the cluster has GPUs, else CPU.
+    """
+
+    embed_batch_size: int = 256
+    min_actors: int = 1
+    max_actors: int = 1
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1.0
+    decode_cpus: float = 1.0  # CPUs one decode task asks for
+    decode_concurrency: int | None = None  # at most this many decode tasks at once (None: Ray decides)
+    read_concurrency: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.embed_batch_size > 0, "embed_batch_size must be positive")
+        _require(1 <= self.min_actors <= self.max_actors,
+                 f"need 1 <= min_actors <= max_actors, got {self.min_actors}..{self.max_actors}")
+        _require(self.gpus_per_actor is None or self.gpus_per_actor >= 0, "gpus_per_actor must be >= 0")
+        _require(self.cpus_per_actor >= 0 and self.decode_cpus > 0, "CPU requests must be positive")
+        for name in ("decode_concurrency", "read_concurrency"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"{name} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """One scoring job: which shards, where the output goes, which model and heads."""
+
+    input: tuple[str, ...]
+    output: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    heads: tuple[HeadSpec, ...] = (KNOWN_HEADS[DEFAULT_HEAD],)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    shards_per_unit: int = 4
+    write_embeddings: bool = False
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    weights_dirs: tuple[str, ...] = ()  # folders (local or URI) searched for weight files first
+    rescore: bool = False  # redo units committed under another model or head identity
+
+    def __post_init__(self) -> None:
+        _require(len(self.input) > 0, "at least one --input is required")
+        _require(all(isinstance(p, str) and p for p in self.input), "input paths must be non-empty strings")
+        _require(bool(self.output), "--output is required")
+        _require(len(self.heads) > 0, "at least one head is required")
+        names = [h.name for h in self.heads]
+        _require(len(set(names)) == len(names), f"head names must be unique, got {names}")
+        _require(self.shards_per_unit >= 1, "shards_per_unit must be >= 1")
+        _require(not any(k.lower() in _SECRET_OPTION_NAMES for k in self.storage_options),
+                 "credentials do not belong in storage options: give them to the nodes' environment or roles")
+
+    @property
+    def primary_head(self) -> HeadSpec:
+        return self.heads[0]
+
+    def replace(self, **changes: Any) -> "ScoreConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_SECRET_OPTION_NAMES = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key",
+                        "aws_session_token", "password"}
+
+
+def resolve_head(name_or_uri: str, sha256: str | None = None) -> HeadSpec:
+    """A known head by name, or an arbitrary head file (its name taken from the file name)."""
+    if name_or_uri in KNOWN_HEADS and sha256 is None:
+        return KNOWN_HEADS[name_or_uri]
+    stem = name_or_uri.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".pth", ".pt", ".safetensors"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    stem = stem.replace("%2B", "+")
+    return HeadSpec(stem, WeightsSpec(name_or_uri, sha256))
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    _require(not unknown, f"unknown {where} setting(s): {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**values)
+
+
+def config_from_mapping(values: Mapping[str, Any]) -> ScoreConfig:
+    """A ScoreConfig from a plain mapping (a YAML file, merged CLI flags), checked key by key."""
+    values = dict(values)
+    if "input" in values and isinstance(values["input"], str):
+        values["input"] = (values["input"],)
+    for name in ("input", "weights_dirs"):
+        if name in values:
+            values[name] = tuple(values[name])
+    if "model" in values:
+        values["model"] = _build(ModelConfig, values["model"], "model")
+    if "decode" in values:
+        values["decode"] = _build(DecodeConfig, values["decode"], "decode")
+    if "resources" in values:
+        values["resources"] = _build(ResourcesConfig, values["resources"], "resources")
+    if "heads" in values:
+        heads = []
+        for item in values["heads"]:
+            if isinstance(item, str):
+                heads.append(resolve_head(item))
+            else:
+                _require(isinstance(item, Mapping) and ("uri" in item or "name" in item),
+                         f"a head is a name, a URI, or {{name, uri, sha256}}; got {item!r}")
+                if "uri" not in item:
+                    heads.append(resolve_head(item["name"], item.get("sha256")))
+                else:
+                    spec = resolve_head(item["uri"], item.get("sha256"))
+                    heads.append(HeadSpec(item.get("name", spec.name), spec.weights))
+        values["heads"] = tuple(heads)
+    return _build(ScoreConfig, values, "job")

@@ -1,0 +1,99 @@
+"""The LAION-Aesthetics cutoff table: our counts per threshold beside the published ones.
+
+Built from manifests alone (each holds its unit's counts at every threshold), never by rescanning
+the Parquet, so it costs the same for a thousand rows or two billion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from pipeline import schema as S
+from pipeline.io import layout
+from pipeline.io.manifests import read_manifests
+from pipeline.io.storage import filesystem, join, write_bytes_atomic, write_json_atomic
+
+# LAION blog "LAION-Aesthetics" (2022-08-16), V2 predictor over LAION-2B-en.
+LAION_2B_EN_SAMPLES = 2_322_161_808
+LAION_PUBLISHED_COUNTS = {4.5: 1_200_000_000, 4.75: 939_000_000, 5.0: 600_000_000,
+                          6.0: 12_000_000, 6.25: 3_000_000, 6.5: 625_000}
+
+
+@dataclass(frozen=True)
+class CutoffRow:
+    threshold: float
+    count: int
+    fraction: float | None
+    laion_count: int
+    laion_fraction: float
+
+
+@dataclass(frozen=True)
+class CutoffTable:
+    model_key: str
+    units: int
+    rows: int
+    scored: int
+    counts_by_status: Mapping[str, int]
+    rows_by_threshold: tuple[CutoffRow, ...]
+    tiny_random: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model_key": self.model_key, "units": self.units, "rows": self.rows, "scored": self.scored,
+            "counts_by_status": dict(self.counts_by_status), "tiny_random": self.tiny_random,
+            "laion_reference": {"dataset": "LAION-2B-en", "samples": LAION_2B_EN_SAMPLES},
+            "thresholds": [row.__dict__ for row in self.rows_by_threshold],
+        }
+
+    def to_markdown(self) -> str:
+        lines = []
+        if self.tiny_random:
+            lines.append("**WARNING: scored with the tiny random-weight model. These scores mean nothing.**\n")
+        lines += [
+            f"Model: `{self.model_key}` — {self.units} units, {self.rows} rows, {self.scored} scored "
+            f"(fractions are of scored rows; LAION's are of all {LAION_2B_EN_SAMPLES:,} LAION-2B-en samples).",
+            "",
+            "| score ≥ | our count | our fraction | LAION count | LAION fraction |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for row in self.rows_by_threshold:
+            ours = f"{row.fraction:.4%}" if row.fraction is not None else "n/a"
+            lines.append(f"| {row.threshold:g} | {row.count:,} | {ours} | {row.laion_count:,} | {row.laion_fraction:.4%} |")
+        status = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts_by_status.items()))
+        lines += ["", f"Rows by status: {status}"]
+        return "\n".join(lines) + "\n"
+
+
+def build_tables(manifests: Iterable[Mapping[str, Any]]) -> list[CutoffTable]:
+    """One table per model identity found (a prefix mid-way through a rescore holds two)."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for manifest in manifests:
+        groups.setdefault(manifest["model_key"], []).append(manifest)
+    tables = []
+    for model_key, group in sorted(groups.items()):
+        scored = sum(m["score"]["scored"] for m in group)
+        statuses: dict[str, int] = {}
+        for m in group:
+            for status, count in m["counts_by_status"].items():
+                statuses[status] = statuses.get(status, 0) + count
+        rows = []
+        for threshold in S.LAION_THRESHOLDS:
+            count = sum(m["score"]["counts_ge"][str(threshold)] for m in group)
+            laion = LAION_PUBLISHED_COUNTS[threshold]
+            rows.append(CutoffRow(threshold, count, count / scored if scored else None,
+                                  laion, laion / LAION_2B_EN_SAMPLES))
+        tables.append(CutoffTable(model_key, len(group), sum(m["rows"] for m in group), scored, statuses,
+                                  tuple(rows), any(m.get("tiny_random") for m in group)))
+    return tables
+
+
+def write_cutoffs(output: str, storage_options: Mapping[str, Any] | None = None) -> list[CutoffTable]:
+    """Aggregate the committed manifests and write cutoffs.json and cutoffs.md beside the data."""
+    tables = build_tables(read_manifests(output, storage_options).values())
+    fs, root = filesystem(output, storage_options)
+    write_json_atomic(fs, join(root, layout.CUTOFFS_JSON), {"tables": [t.to_json() for t in tables]})
+    markdown = "\n".join(t.to_markdown() for t in tables) or "No committed units yet.\n"
+    write_bytes_atomic(fs, join(root, layout.CUTOFFS_MD), markdown.encode())
+    return tables

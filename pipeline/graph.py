@@ -1,0 +1,85 @@
+"""The one place that wires Ray Data and sets resources.
+
+    shard descriptions -> read (CPU tasks) -> decode (CPU tasks) -> embed+score (actor pool, GPU
+    when the cluster has one) -> stage to Parquet (CPU tasks) -> tiny stats rows to the driver
+
+Read, decode and staging are stateless tasks so they spread over CPU nodes and scale with them;
+only the model holder is an actor, loaded once per actor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping, Sequence
+
+import ray
+
+from pipeline.config import ScoreConfig
+from pipeline.io.shards import WorkUnit
+from pipeline.io.writer import WriteStaging
+from pipeline.models.clip import image_geometry
+from pipeline.stages.decode import Decode
+from pipeline.stages.embed import EmbedScore
+from pipeline.stages.read import ReadShard
+
+STAGING_CPUS = 0.5  # staging writes are I/O; they should not hold a whole core from decode
+
+
+def _read(batch: Mapping[str, Any], storage_options: Mapping[str, Any], rows_per_batch: int) -> Iterator:
+    yield from ReadShard(storage_options, rows_per_batch)(batch)
+
+
+def _decode(batch: dict, decode_config, image_size: int, interpolation: str) -> dict:
+    return Decode(decode_config, image_size=image_size, interpolation=interpolation)(batch)
+
+
+def _stage(batch: dict, output: str, run_id: str, storage_options: Mapping[str, Any]) -> dict:
+    return WriteStaging(output, run_id, storage_options)(batch)
+
+
+def gpus_per_actor(config: ScoreConfig) -> float:
+    """An explicit request wins; otherwise one GPU per actor when the cluster has any."""
+    if config.resources.gpus_per_actor is not None:
+        return config.resources.gpus_per_actor
+    if config.model.device == "cpu":
+        return 0.0
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
+                  embed_loader: Any = None) -> ray.data.Dataset:
+    """The whole pipeline as one lazy Dataset of per-(unit, shard) stats rows."""
+    resources = config.resources
+    storage: dict[str, Any] = dict(config.storage_options)
+    items = [{"unit": u.unit_id, "name": s.name, "tar": s.tar or "", "sidecar": s.sidecar or ""}
+             for u in units for s in u.shards]
+    image_size, interpolation = image_geometry(config.model)
+
+    ds = ray.data.from_items(items, override_num_blocks=len(items))  # one read task per shard
+    ds = ds.map_batches(
+        _read, fn_kwargs={"storage_options": storage, "rows_per_batch": config.decode.batch_size},
+        batch_size=1, batch_format="numpy", num_cpus=1, concurrency=resources.read_concurrency,
+    )
+    ds = ds.map_batches(
+        _decode,
+        fn_kwargs={"decode_config": config.decode, "image_size": image_size, "interpolation": interpolation},
+        batch_size=config.decode.batch_size, batch_format="numpy", num_cpus=resources.decode_cpus,
+        concurrency=resources.decode_concurrency,
+    )
+    ds = ds.map_batches(
+        EmbedScore,
+        fn_constructor_kwargs={
+            "model": config.model, "heads": config.heads, "write_embeddings": config.write_embeddings,
+            "search_dirs": config.weights_dirs, "storage_options": storage, "loader": embed_loader,
+        },
+        batch_size=resources.embed_batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
+        num_gpus=gpus_per_actor(config), num_cpus=resources.cpus_per_actor,
+        # A dead actor comes back and its batch is retried (the commit drops any row staged twice).
+        # Explicit, so these args differ from decode's and Ray never fuses decode into the model
+        # holder: decode must scale on CPU tasks, not run inside the GPU actor.
+        max_restarts=-1, max_task_retries=-1,
+    )
+    return ds.map_batches(
+        _stage, fn_kwargs={"output": config.output, "run_id": run_id, "storage_options": storage},
+        batch_size=None, batch_format="numpy", num_cpus=STAGING_CPUS,
+    )

@@ -1,0 +1,74 @@
+"""One way to reach any fsspec filesystem, with the job's storage options applied.
+
+Credentials never pass through here: s3fs takes them from the environment or the node's role.
+A custom S3 endpoint comes from ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` or ``endpoint_url``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+def _s3_defaults() -> dict[str, Any]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return {"endpoint_url": endpoint} if endpoint else {}
+
+
+def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for ``uri`` and the path within it."""
+    options: dict[str, Any] = {}
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    if protocol in ("s3", "s3a"):
+        options.update(_s3_defaults())
+    options.update(storage_options or {})
+    if protocol == "file" or "://" not in uri:
+        options = {}
+    return url_to_fs(uri, **options)
+
+
+def protocol_of(fs: fsspec.AbstractFileSystem) -> str:
+    protocol = fs.protocol
+    return protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path as a URI that :func:`filesystem` understands again."""
+    protocol = protocol_of(fs)
+    if protocol in ("file", "local"):
+        return os.path.abspath(path) if not path.startswith("/") else path
+    return f"{protocol}://{path}"
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """A reader sees the old object or the new one, never half of one.
+
+    Object stores make a PUT atomic already; a local filesystem needs write-then-rename.
+    """
+    if protocol_of(fs) in ("file", "local"):
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, payload: Any) -> None:
+    write_bytes_atomic(fs, path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    with fs.open(path, "rb") as handle:
+        return json.loads(handle.read())

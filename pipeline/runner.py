@@ -1,0 +1,217 @@
+"""Run a scoring job: plan units against what is committed, execute, commit, summarise.
+
+This is the driver's side of the job; the Ray Data graph itself lives in graph.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import ray
+
+from pipeline import schema as S
+from pipeline.config import ScoreConfig
+from pipeline.cutoffs import CutoffTable, write_cutoffs
+from pipeline.io import layout
+from pipeline.io.lease import Lease
+from pipeline.io.manifests import read_manifests
+from pipeline.io.shards import WorkUnit, list_shards, plan_units
+from pipeline.io.storage import filesystem, join, write_json_atomic
+from pipeline.io.writer import commit_unit
+
+log = logging.getLogger(__name__)
+
+
+class RunFailed(RuntimeError):
+    """The run finished but some units did not commit or the books do not balance."""
+
+
+def model_key(config: ScoreConfig) -> str:
+    """What makes scores comparable: model, weights and heads. A change makes units stale."""
+    model = config.model
+    weights = f"seed={model.seed}" if model.is_tiny_random else model.pretrained
+    pin = f"@{model.pretrained_sha256[:12]}" if model.pretrained_sha256 else ""
+    heads = ",".join(f"{h.name}@{(h.weights.sha256 or 'unpinned')[:12]}" for h in config.heads)
+    return f"{model.name}/{weights}{pin}|{heads}"
+
+
+def _same_shards(unit: WorkUnit, manifest: Mapping[str, Any]) -> bool:
+    def key(v: Mapping[str, Any]) -> tuple:
+        return v["name"], v.get("size"), v.get("etag")
+    return sorted(map(key, unit.versions())) == sorted(map(key, manifest["shards"]))
+
+
+@dataclass
+class Plan:
+    units: list[WorkUnit]
+    pending: list[WorkUnit]
+    done: list[str]
+    stale: list[str]  # committed under another model or head; redone only with rescore
+    reasons: dict[str, str]  # why each pending unit is pending
+
+
+def plan_run(config: ScoreConfig, manifests: Mapping[str, Mapping[str, Any]] | None = None) -> Plan:
+    units = plan_units(list_shards(config.input, config.storage_options), config.shards_per_unit)
+    if manifests is None:
+        manifests = read_manifests(config.output, config.storage_options)
+    key = model_key(config)
+    plan = Plan(units, [], [], [], {})
+    for unit in units:
+        manifest = manifests.get(unit.unit_id)
+        if manifest is None:
+            plan.pending.append(unit)
+            plan.reasons[unit.unit_id] = "new"
+        elif not _same_shards(unit, manifest):
+            plan.pending.append(unit)
+            plan.reasons[unit.unit_id] = "shards added or changed"
+        elif manifest.get("model_key") != key:
+            if config.rescore:
+                plan.pending.append(unit)
+                plan.reasons[unit.unit_id] = f"rescore: was {manifest.get('model_key')}"
+            else:
+                plan.stale.append(unit.unit_id)
+        else:
+            plan.done.append(unit.unit_id)
+    return plan
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    output: str
+    model_key: str
+    units_total: int
+    units_done_before: int
+    units_committed: list[str] = field(default_factory=list)
+    units_failed: dict[str, str] = field(default_factory=dict)
+    units_stale: list[str] = field(default_factory=list)
+    rows: int = 0
+    scored: int = 0
+    counts_by_status: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+    tiny_random: bool = False
+    cutoffs: list[CutoffTable] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.units_failed
+
+    def to_json(self) -> dict[str, Any]:
+        payload = dataclasses.asdict(self)
+        payload["cutoffs"] = [t.to_json() for t in self.cutoffs]
+        payload["rows_per_s"] = round(self.rows / self.wall_s, 2) if self.wall_s else None
+        return payload
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def ensure_ray() -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local Ray that listens on loopback only."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+
+
+def _identity(config: ScoreConfig) -> dict[str, Any]:
+    return {
+        "model_key": model_key(config),
+        "tiny_random": config.model.is_tiny_random,
+        "precision": config.model.precision,
+        "heads": [{"name": h.name, "uri": h.weights.uri, "sha256": h.weights.sha256} for h in config.heads],
+    }
+
+
+def _remove_orphan_staging(config: ScoreConfig, run_id: str) -> None:
+    """Staging left by dead runs; only called while this run holds the lease."""
+    fs, root = filesystem(config.output, config.storage_options)
+    staging = join(root, layout.STAGING)
+    if fs.exists(staging):
+        for folder in fs.ls(staging, detail=False):
+            if not folder.rstrip("/").endswith(run_id):
+                fs.rm(folder, recursive=True)
+
+
+def execute(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str, summary: RunSummary,
+            embed_loader: Any = None, on_commit: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Stream the pipeline; commit each unit the moment all its shards' rows have been staged."""
+    from pipeline.graph import build_dataset  # imports the stages: keep `plan` and `status` light
+
+    started = time.time()
+    shard_names = {u.unit_id: {s.name for s in u.shards} for u in units}
+    by_id = {u.unit_id: u for u in units}
+    received: dict[str, Counter] = defaultdict(Counter)
+    expected: dict[str, dict[str, int]] = defaultdict(dict)
+    first_seen: dict[str, float] = {}
+    commits: dict[str, ray.ObjectRef] = {}
+    commit_remote = ray.remote(num_cpus=0, max_retries=2)(commit_unit)
+    identity = _identity(config)
+
+    ds = build_dataset(config, units, run_id, embed_loader=embed_loader)
+    for stats in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for unit_id, shard, rows, shard_rows in zip(stats[S.UNIT], stats[S.SHARD], stats["rows"], stats[S.SHARD_ROWS]):
+            unit_id, shard = str(unit_id), str(shard)
+            received[unit_id][shard] += int(rows)
+            expected[unit_id][shard] = int(shard_rows)
+            first_seen.setdefault(unit_id, time.time() - started)
+            complete = all(received[unit_id][s] >= expected[unit_id].get(s, np.inf) for s in shard_names[unit_id])
+            if complete and unit_id not in commits:
+                timings = {"first_rows_s": round(first_seen[unit_id], 3),
+                           "all_rows_s": round(time.time() - started, 3)}
+                commits[unit_id] = commit_remote.remote(
+                    config.output, run_id, unit_id, by_id[unit_id].versions(), identity, timings,
+                    dict(config.storage_options))
+
+    for unit_id in shard_names:
+        if unit_id not in commits:
+            missing = {s: f"{received[unit_id][s]}/{expected[unit_id].get(s, '?')}" for s in shard_names[unit_id]}
+            summary.units_failed[unit_id] = f"rows never all arrived: {missing}"
+    for unit_id, ref in commits.items():
+        try:
+            manifest = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - one unit's failure must not lose the others
+            cause = getattr(exc, "cause", None) or exc
+            summary.units_failed[unit_id] = f"{type(cause).__name__}: {cause}"
+            continue
+        summary.units_committed.append(unit_id)
+        summary.rows += manifest["rows"]
+        summary.scored += manifest["score"]["scored"]
+        for status, count in manifest["counts_by_status"].items():
+            summary.counts_by_status[status] = summary.counts_by_status.get(status, 0) + count
+        if on_commit:
+            on_commit(manifest)
+
+
+def run_score(config: ScoreConfig, run_id: str | None = None, embed_loader: Any = None,
+              lease_ttl_s: float = 300.0) -> RunSummary:
+    """Score every pending unit under config.output; committed units are skipped."""
+    run_id = run_id or new_run_id()
+    started = time.time()
+    with Lease(config.output, run_id, ttl_s=lease_ttl_s, storage_options=config.storage_options):
+        plan = plan_run(config)
+        summary = RunSummary(run_id=run_id, output=config.output, model_key=model_key(config),
+                             units_total=len(plan.units), units_done_before=len(plan.done),
+                             units_stale=plan.stale, tiny_random=config.model.is_tiny_random)
+        for unit_id in plan.stale:
+            log.warning("unit %s was scored with another model or head; pass --rescore to redo it", unit_id)
+        _remove_orphan_staging(config, run_id)
+        if plan.pending:
+            ensure_ray()
+            execute(config, plan.pending, run_id, summary, embed_loader=embed_loader)
+        summary.cutoffs = write_cutoffs(config.output, config.storage_options)
+        summary.wall_s = round(time.time() - started, 3)
+        fs, root = filesystem(config.output, config.storage_options)
+        write_json_atomic(fs, layout.run_file(root, run_id), summary.to_json())
+    return summary

@@ -1,0 +1,118 @@
+"""Column names, per-row status values, score bands and the output Arrow schema.
+
+Every stage reads and writes columns named here; nothing else in the package spells a column name.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+import pyarrow as pa
+
+
+class Status(str, enum.Enum):
+    """Why a row has (or has no) score. Every output row carries exactly one."""
+
+    OK = "ok"
+    DOWNLOAD_FAILED = "download_failed"  # img2dataset could not fetch or resize it (sidecar row, no tar member)
+    NO_IMAGE = "no_image"  # the sample has no image member (caption only, or the member vanished)
+    EMPTY_IMAGE = "empty_image"  # the image member has zero bytes
+    DECODE_ERROR = "decode_error"  # truncated, corrupt, or not an image at all
+    UNSUPPORTED_FORMAT = "unsupported_format"  # an image, but of a format or mode we do not score
+    IMAGE_TOO_LARGE = "image_too_large"  # over the pixel limit (decompression bomb guard)
+    SHARD_ERROR = "shard_error"  # the tar itself is unreadable (not a tar, truncated, empty)
+    STORAGE_ERROR = "storage_error"  # storage failed after retries: the unit is not committed, a rerun retries it
+    SCORE_ERROR = "score_error"  # the model produced no finite score for this row
+
+
+FAILURE_STATUSES = tuple(s.value for s in Status if s is not Status.OK)
+# The key of the one row that stands for a shard with no readable samples and no sidecar.
+SHARD_ROW_KEY = ""
+
+# Columns flowing between stages ------------------------------------------------------------
+KEY = "key"
+SHARD = "shard"  # URI of the tar the row came from
+UNIT = "unit"  # work unit id (the output file stem)
+MEMBER = "tar_member"  # name of the image member inside the tar
+OFFSET = "tar_offset"  # byte offset of the image member's data inside the tar
+SIZE = "tar_size"  # byte size of the image member's data
+IMAGE_FORMAT = "image_format"  # the member's extension: jpg, jpeg, png or webp
+IMAGE = "image"  # raw image bytes; dropped by the decode stage
+PIXELS = "pixels"  # uint8 (N, S, S, 3) after resize and crop; dropped by the embed stage
+URL = "url"
+CAPTION = "caption"
+ORIGINAL_WIDTH = "original_width"  # from the sidecar: size before img2dataset resized it
+ORIGINAL_HEIGHT = "original_height"
+WIDTH = "width"  # decoded size, after EXIF orientation
+HEIGHT = "height"
+DOWNLOAD_STATUS = "download_status"  # img2dataset's own status, verbatim
+METADATA_JSON = "metadata_json"  # the other sidecar and .json member fields, as one JSON object
+STATUS = "status"
+ERROR = "error"
+SHARD_ROWS = "shard_rows"  # rows the read stage emitted for this row's shard (completeness check)
+AESTHETIC_SCORE = "aesthetic_score"  # the primary head's score
+EMBEDDING = "embedding"  # optional fp16 L2-normalised CLIP image embedding
+MODEL = "model"  # CLIP identity: architecture + weights sha256
+HEAD = "head"  # primary head identity: name + sha256
+SCORE_BAND = "score_band"  # Hive partition column
+
+SCORE_PREFIX = "score_"  # extra heads and prompt scores: score_<name>
+
+
+def score_column(head_name: str) -> str:
+    return SCORE_PREFIX + head_name.replace("-", "_").replace("+", "_").replace(".", "_")
+
+
+# Score bands -------------------------------------------------------------------------------
+# LAION-Aesthetics' published cut-offs. Bands are coarse on purpose: one file per band per unit,
+# so a high band is not a dust of tiny files; inside a file rows are sorted by score, so the
+# row-group statistics prune finer thresholds (>= 6.25) without a band of their own.
+LAION_THRESHOLDS = (4.5, 4.75, 5.0, 6.0, 6.25, 6.5)
+BAND_EDGES = (4.5, 5.0, 6.0, 6.5)
+BAND_LABELS = ("lt4.5", "4.5-5", "5-6", "6-6.5", "ge6.5")
+UNSCORED_BAND = "unscored"
+ALL_BANDS = BAND_LABELS + (UNSCORED_BAND,)
+
+# Histogram kept in every manifest: 0.25-wide bins over [0, 10) plus under/overflow, so every
+# LAION threshold is a bin edge and the cutoff table never needs the Parquet.
+HIST_LOW, HIST_HIGH, HIST_STEP = 0.0, 10.0, 0.25
+HIST_BINS = int(round((HIST_HIGH - HIST_LOW) / HIST_STEP))
+
+
+def band_of(score: float | None) -> str:
+    if score is None or not math.isfinite(score):
+        return UNSCORED_BAND
+    for edge, label in zip(BAND_EDGES, BAND_LABELS):
+        if score < edge:
+            return label
+    return BAND_LABELS[-1]
+
+
+def output_schema(extra_score_columns: tuple[str, ...] = (), embedding_dim: int | None = None) -> pa.Schema:
+    """The Arrow schema of every output Parquet file (the partition column lives in the path)."""
+    fields = [
+        pa.field(KEY, pa.string(), nullable=False),
+        pa.field(SHARD, pa.string(), nullable=False),
+        pa.field(UNIT, pa.string(), nullable=False),
+        pa.field(MEMBER, pa.string()),
+        pa.field(OFFSET, pa.int64()),
+        pa.field(SIZE, pa.int64()),
+        pa.field(IMAGE_FORMAT, pa.string()),
+        pa.field(URL, pa.string()),
+        pa.field(CAPTION, pa.string()),
+        pa.field(ORIGINAL_WIDTH, pa.int32()),
+        pa.field(ORIGINAL_HEIGHT, pa.int32()),
+        pa.field(WIDTH, pa.int32()),
+        pa.field(HEIGHT, pa.int32()),
+        pa.field(DOWNLOAD_STATUS, pa.string()),
+        pa.field(METADATA_JSON, pa.string()),
+        pa.field(STATUS, pa.string(), nullable=False),
+        pa.field(ERROR, pa.string()),
+        pa.field(AESTHETIC_SCORE, pa.float32()),
+    ]
+    fields += [pa.field(name, pa.float32()) for name in extra_score_columns]
+    fields += [pa.field(MODEL, pa.string(), nullable=False), pa.field(HEAD, pa.string(), nullable=False)]
+    if embedding_dim:
+        fields.append(pa.field(EMBEDDING, pa.list_(pa.float16(), embedding_dim)))
+    return pa.schema(fields)

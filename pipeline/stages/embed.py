@@ -1,0 +1,169 @@
+"""The embed + score stage: decoded pixels in, CLIP embedding and aesthetic scores out.
+
+A callable class for ``Dataset.map_batches`` with an actor pool: the model and heads are loaded once per
+actor in ``__init__``; ``__call__`` maps a column batch to a column batch. Only rows whose status is ``ok``
+reach the model; every other row passes through with its status and error untouched and NaN scores. A row
+whose score comes out non-finite is marked ``score_error``; one bad row never fails the batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import schema
+from pipeline.config import HeadSpec, ModelConfig
+from pipeline.models.clip import LoadedClip, load_clip
+from pipeline.models.heads import HeadBank, load_head_bank
+from pipeline.schema import Status
+
+Loader = Callable[[], "tuple[LoadedClip, HeadBank]"]
+_OK = Status.OK.value
+
+
+def load_clip_and_heads(
+    model: ModelConfig,
+    heads: Sequence[HeadSpec],
+    search_dirs: Sequence[str] = (),
+    storage_options: Mapping[str, Any] | None = None,
+) -> tuple[LoadedClip, HeadBank]:
+    """The production loader: heads first (small, and a missing one fails before a 1.7 GB download)."""
+    bank = load_head_bank(heads, search_dirs, storage_options)
+    clip = load_clip(model, search_dirs=search_dirs, storage_options=storage_options)
+    bank.check_embedding_dim(clip.embed_dim, clip.identity)
+    return clip, bank.to(clip.device)
+
+
+class EmbedScore:
+    """``map_batches`` callable: PIXELS (N, S, S, 3) uint8 + STATUS/ERROR -> scores, identities, embeddings."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        heads: Sequence[HeadSpec],
+        write_embeddings: bool = False,
+        search_dirs: Sequence[str] = (),
+        storage_options: Mapping[str, Any] | None = None,
+        loader: Loader | None = None,
+    ):
+        if loader is None:
+            loader = functools.partial(load_clip_and_heads, model, tuple(heads), tuple(search_dirs),
+                                       dict(storage_options or {}))
+        self.clip, self.head_bank = loader()
+        expected_names = tuple(spec.name for spec in heads)
+        if self.head_bank.names != expected_names:
+            raise ValueError(f"loader returned heads {self.head_bank.names}, expected {expected_names}")
+        self.head_bank.check_embedding_dim(self.clip.embed_dim, self.clip.identity)
+        if self.head_bank.device != self.clip.device:
+            self.head_bank = self.head_bank.to(self.clip.device)
+
+        self.write_embeddings = write_embeddings
+        self.model_identity = self.clip.identity
+        self.primary_head_identity = self.head_bank.identities[0]
+        self.score_columns = (schema.AESTHETIC_SCORE,) + tuple(schema.score_column(n) for n in expected_names[1:])
+        if len(set(self.score_columns)) != len(self.score_columns):
+            raise ValueError(f"head names {expected_names} map to clashing columns {self.score_columns}")
+
+        device = self.clip.device
+        size = self.clip.image_size
+        self._pixel_shape = (size, size, 3)
+        # (x / 255 - mean) / std  ==  x * scale - shift: two in-place ops on the device, no temporaries.
+        std = torch.tensor(self.clip.std, dtype=torch.float32)
+        mean = torch.tensor(self.clip.mean, dtype=torch.float32)
+        self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(device)
+        self._shift = (mean / std).view(1, 3, 1, 1).to(device)
+        self._pinned: torch.Tensor | None = None  # reused host staging buffer for async copies to CUDA
+
+    # -- the hot path ------------------------------------------------------------------------------
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        status = np.array(batch[schema.STATUS], dtype=object)  # copies: we write into both
+        error = np.array(batch[schema.ERROR], dtype=object)
+        n = len(status)
+        n_heads = len(self.score_columns)
+        scores = np.full((n_heads, n), np.nan, dtype=np.float32)  # head-major: each column is contiguous
+        embeddings = np.zeros((n, self.clip.embed_dim), dtype=np.float16) if self.write_embeddings else None
+
+        rows = np.flatnonzero(status == _OK)
+        if rows.size:
+            rows, pixels, take = self._ok_pixels(batch[schema.PIXELS], rows, status, error)
+        if rows.size:
+            row_scores, row_embeddings = self._embed_and_score(self._to_device(pixels, take))
+            finite = np.isfinite(row_scores).all(axis=1)
+            for i in np.flatnonzero(~finite):
+                status[rows[i]] = Status.SCORE_ERROR.value
+                error[rows[i]] = "non-finite score: " + ", ".join(
+                    f"{name}={value}" for name, value in zip(self.head_bank.names, row_scores[i]))
+            rows, row_scores = rows[finite], row_scores[finite]
+            scores[:, rows] = row_scores.T
+            if embeddings is not None:
+                embeddings[rows] = row_embeddings[finite]
+
+        out = {key: value for key, value in batch.items() if key != schema.PIXELS}
+        out[schema.STATUS] = status
+        out[schema.ERROR] = error
+        for column, values in zip(self.score_columns, scores):
+            out[column] = values
+        out[schema.MODEL] = np.full(n, self.model_identity, dtype=object)
+        out[schema.HEAD] = np.full(n, self.primary_head_identity, dtype=object)
+        if embeddings is not None:
+            out[schema.EMBEDDING] = embeddings
+        return out
+
+    def _ok_pixels(self, pixels: Any, rows: np.ndarray, status: np.ndarray,
+                   error: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(rows scored, a uint8 (M, S, S, 3) array, which of its rows to take: None for all of them)."""
+        if isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8:
+            if pixels.shape[1:] != self._pixel_shape:
+                # A whole batch of the wrong size is a wiring error (decode and model disagree), not a bad row.
+                raise ValueError(f"{schema.PIXELS} has shape {pixels.shape}, but {self.model_identity} "
+                                 f"takes (N, {self._pixel_shape[0]}, {self._pixel_shape[1]}, 3) uint8")
+            return rows, pixels, (None if rows.size == len(pixels) else rows)
+        # Ragged object column (rows of different shapes): keep the well-formed ones, flag the others.
+        good, arrays = [], []
+        for row in rows:
+            array = np.asarray(pixels[row])
+            if array.shape == self._pixel_shape and array.dtype == np.uint8:
+                good.append(row)
+                arrays.append(array)
+            else:
+                status[row] = Status.SCORE_ERROR.value
+                error[row] = (f"pixels have shape {array.shape} and dtype {array.dtype}; "
+                              f"expected {self._pixel_shape} uint8")
+        if not arrays:
+            return np.empty(0, dtype=np.int64), np.empty((0,) + self._pixel_shape, dtype=np.uint8), None
+        return np.asarray(good, dtype=np.int64), np.stack(arrays), None
+
+    def _to_device(self, pixels: np.ndarray, take: np.ndarray | None) -> torch.Tensor:
+        """The selected rows as a uint8 NHWC tensor on the model's device, copied once on the host."""
+        device = self.clip.device
+        if device.type != "cuda":
+            if take is not None:
+                pixels = pixels[take]
+            elif not (pixels.flags.writeable and pixels.flags.c_contiguous):
+                pixels = np.array(pixels, order="C")  # torch wants writable memory it may alias
+            return torch.from_numpy(pixels)
+        count = len(pixels) if take is None else len(take)
+        if self._pinned is None or self._pinned.shape[0] < count:
+            self._pinned = torch.empty((count,) + self._pixel_shape, dtype=torch.uint8, pin_memory=True)
+        staging = self._pinned[:count]
+        if take is None:
+            staging.numpy()[...] = pixels
+        else:
+            np.take(pixels, take, axis=0, out=staging.numpy())  # gather straight into pinned memory
+        # Safe to reuse the buffer next call: __call__ waits for the scores, which come after this copy.
+        return staging.to(device, non_blocking=True)
+
+    def _embed_and_score(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(K, S, S, 3) uint8 on the device -> (K, H) float32 scores and, if kept, (K, D) fp16 unit embeddings."""
+        with torch.inference_mode():
+            images = pixels.permute(0, 3, 1, 2).float()  # NHWC -> NCHW view, then cast
+            images = images.mul_(self._scale).sub_(self._shift).to(self.clip.input_dtype)
+            features = self.clip.model.encode_image(images).float()
+            unit = F.normalize(features, dim=-1)
+            row_scores = self.head_bank.score_matrix(unit).cpu().numpy()
+            row_embeddings = unit.half().cpu().numpy() if self.write_embeddings else None
+        return row_scores, row_embeddings

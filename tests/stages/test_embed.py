@@ -1,0 +1,174 @@
+"""The embed + score stage on hand-built batches, with the tiny random CLIP and injected heads (no Ray)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import schema
+from pipeline.config import HeadSpec, ModelConfig, WeightsSpec
+from pipeline.models.clip import LoadedClip, load_clip
+from pipeline.models.heads import EmbeddingDimMismatch, Head, HeadBank
+from pipeline.schema import Status
+from pipeline.stages.embed import EmbedScore
+
+TINY = ModelConfig(name="tiny-random", device="cpu", precision="fp32", seed=0)
+STATUSES = ("ok", "decode_error", "ok", "no_image", "ok", "ok")
+
+
+def _head_state_dicts(dim: int = 768) -> dict[str, dict[str, torch.Tensor]]:
+    """A V2-shaped linear MLP (primary), a V1 linear head and a ReLU MLP, seeded."""
+    generator = torch.Generator().manual_seed(0)
+
+    def layers(indices, widths):
+        state_dict, width = {}, dim
+        for index, out_width in zip(indices, widths):
+            prefix = "" if index is None else f"layers.{index}."
+            state_dict[prefix + "weight"] = torch.randn(out_width, width, generator=generator) / width ** 0.5
+            state_dict[prefix + "bias"] = torch.randn(out_width, generator=generator)
+            width = out_width
+        return state_dict
+
+    return {
+        "v2-like": layers((0, 2, 4, 6, 7), (64, 32, 16, 8, 1)),
+        "v1.like": layers((None,), (1,)),
+        "relu+like": layers((0, 3, 6, 9, 11), (64, 32, 16, 8, 1)),
+    }
+
+
+HEAD_SPECS = tuple(HeadSpec(name, WeightsSpec(f"/unused/{name}.pth")) for name in _head_state_dicts())
+
+
+@pytest.fixture(scope="module")
+def tiny_clip() -> LoadedClip:
+    return load_clip(TINY)
+
+
+@pytest.fixture(scope="module")
+def head_bank() -> HeadBank:
+    return HeadBank.from_state_dicts(_head_state_dicts().items())
+
+
+def _stage(clip: LoadedClip, bank: HeadBank, **kwargs) -> EmbedScore:
+    return EmbedScore(TINY, HEAD_SPECS, loader=lambda: (clip, bank), **kwargs)
+
+
+def _batch(n: int = len(STATUSES), statuses=STATUSES, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        schema.KEY: np.array([f"{i:09d}" for i in range(n)], dtype=object),
+        schema.PIXELS: rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8),
+        schema.STATUS: np.array(statuses, dtype=object),
+        schema.ERROR: np.array([None if s == "ok" else f"why {s}" for s in statuses], dtype=object),
+        schema.WIDTH: np.arange(n, dtype=np.int32),
+    }
+
+
+def test_scores_ok_rows_and_passes_the_others_through(tiny_clip, head_bank) -> None:
+    batch = _batch()
+    out = _stage(tiny_clip, head_bank, write_embeddings=True)(batch)
+    ok = np.array([s == "ok" for s in STATUSES])
+
+    assert schema.PIXELS not in out
+    np.testing.assert_array_equal(out[schema.KEY], batch[schema.KEY])
+    np.testing.assert_array_equal(out[schema.WIDTH], batch[schema.WIDTH])
+    assert list(out[schema.STATUS]) == list(STATUSES)
+    assert list(out[schema.ERROR]) == list(batch[schema.ERROR])
+
+    score_columns = (schema.AESTHETIC_SCORE, schema.score_column("v1.like"), schema.score_column("relu+like"))
+    for column in score_columns:
+        assert out[column].dtype == np.float32 and out[column].shape == (6,)
+        assert np.isfinite(out[column][ok]).all() and np.isnan(out[column][~ok]).all()
+
+    embeddings = out[schema.EMBEDDING]
+    assert embeddings.dtype == np.float16 and embeddings.shape == (6, 768)
+    np.testing.assert_allclose(np.linalg.norm(embeddings[ok].astype(np.float32), axis=1), 1.0, atol=2e-3)
+    assert not embeddings[~ok].any()
+
+    assert set(out[schema.MODEL]) == {"tiny-random(seed=0)"}
+    assert set(out[schema.HEAD]) == {head_bank.identities[0]}
+
+
+def test_scores_match_the_heads_on_the_model_embedding(tiny_clip, head_bank) -> None:
+    """The stage's normalisation + encode + heads equal doing it by hand in float32."""
+    batch = _batch(statuses=("ok",) * 6)
+    out = _stage(tiny_clip, head_bank)(batch)
+    pixels = torch.from_numpy(batch[schema.PIXELS]).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (tiny_clip.mean, tiny_clip.std))
+    with torch.inference_mode():
+        features = tiny_clip.model.encode_image((pixels - mean) / std)
+    expected = head_bank.score(torch.nn.functional.normalize(features, dim=-1))
+    np.testing.assert_allclose(out[schema.AESTHETIC_SCORE], expected["v2-like"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(out[schema.score_column("relu+like")], expected["relu+like"], rtol=0, atol=1e-4)
+
+
+def test_results_are_deterministic_for_a_seed(head_bank) -> None:
+    first = _stage(load_clip(TINY), head_bank)(_batch())
+    second = _stage(load_clip(TINY), head_bank)(_batch())
+    other_seed = _stage(load_clip(dataclasses.replace(TINY, seed=1)), head_bank)(_batch())
+    np.testing.assert_array_equal(first[schema.AESTHETIC_SCORE], second[schema.AESTHETIC_SCORE])
+    ok = first[schema.STATUS] == "ok"
+    assert not np.array_equal(first[schema.AESTHETIC_SCORE][ok], other_seed[schema.AESTHETIC_SCORE][ok])
+
+
+def test_embeddings_are_left_out_unless_asked(tiny_clip, head_bank) -> None:
+    assert schema.EMBEDDING not in _stage(tiny_clip, head_bank)(_batch())
+
+
+def test_batches_without_ok_rows_and_empty_batches(tiny_clip, head_bank) -> None:
+    stage = _stage(tiny_clip, head_bank, write_embeddings=True)
+    out = stage(_batch(3, statuses=("decode_error", "no_image", "empty_image")))
+    assert np.isnan(out[schema.AESTHETIC_SCORE]).all()
+    assert list(out[schema.STATUS]) == ["decode_error", "no_image", "empty_image"]
+    empty = stage(_batch(0, statuses=()))
+    assert empty[schema.AESTHETIC_SCORE].shape == (0,) and empty[schema.EMBEDDING].shape == (0, 768)
+    assert empty[schema.MODEL].shape == (0,)
+
+
+class _NaNForBrightCorner(torch.nn.Module):
+    """A stand-in image tower: a constant embedding, NaN for images whose top-left pixel is bright."""
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        features = torch.ones(images.shape[0], 768, dtype=torch.float32)
+        features[images[:, 0, 0, 0] > 0] = float("nan")
+        return features
+
+
+def test_a_non_finite_score_marks_only_that_row(tiny_clip, head_bank) -> None:
+    stub = dataclasses.replace(tiny_clip, model=_NaNForBrightCorner(), identity="stub")
+    batch = _batch(statuses=("ok",) * 6)
+    batch[schema.PIXELS][:, 0, 0, :] = 0
+    batch[schema.PIXELS][2, 0, 0, :] = 255
+    out = _stage(stub, head_bank, write_embeddings=True)(batch)
+    assert list(out[schema.STATUS]) == ["ok", "ok", Status.SCORE_ERROR.value, "ok", "ok", "ok"]
+    assert "non-finite" in out[schema.ERROR][2] and out[schema.ERROR][0] is None
+    assert np.isnan(out[schema.AESTHETIC_SCORE][2]) and not out[schema.EMBEDDING][2].any()
+    assert np.isfinite(np.delete(out[schema.AESTHETIC_SCORE], 2)).all()
+
+
+def test_ragged_pixels_flag_only_the_malformed_row(tiny_clip, head_bank) -> None:
+    batch = _batch(3, statuses=("ok", "ok", "ok"))
+    ragged = np.empty(3, dtype=object)
+    ragged[:] = [batch[schema.PIXELS][0], np.zeros((10, 10, 3), np.uint8), batch[schema.PIXELS][2]]
+    batch[schema.PIXELS] = ragged
+    out = _stage(tiny_clip, head_bank)(batch)
+    assert list(out[schema.STATUS]) == ["ok", Status.SCORE_ERROR.value, "ok"]
+    assert "shape" in out[schema.ERROR][1]
+    assert np.isfinite(out[schema.AESTHETIC_SCORE][[0, 2]]).all() and np.isnan(out[schema.AESTHETIC_SCORE][1])
+
+
+def test_wrongly_sized_batch_is_a_wiring_error(tiny_clip, head_bank) -> None:
+    batch = _batch(2, statuses=("ok", "ok"))
+    batch[schema.PIXELS] = np.zeros((2, 256, 256, 3), np.uint8)
+    with pytest.raises(ValueError, match="224"):
+        _stage(tiny_clip, head_bank)(batch)
+
+
+def test_heads_for_another_embedding_size_fail_at_start(tiny_clip) -> None:
+    b32_like = HeadBank([Head.from_state_dict("b32", {"weight": torch.randn(1, 512), "bias": torch.zeros(1)})])
+    spec = (HeadSpec("b32", WeightsSpec("/unused/b32.pth")),)
+    with pytest.raises(EmbeddingDimMismatch, match="512"):
+        EmbedScore(TINY, spec, loader=lambda: (tiny_clip, b32_like))

@@ -1,0 +1,39 @@
+import pytest
+
+from pipeline.config import (DEFAULT_HEAD, KNOWN_HEADS, ConfigError, ModelConfig, ResourcesConfig, ScoreConfig,
+                             WeightsSpec, config_from_mapping)
+
+
+def test_defaults_are_the_laion_v2_setup():
+    config = ScoreConfig(input=("in",), output="out")
+    assert config.model.name == "ViT-L-14-quickgelu" and config.model.pretrained == "openai"
+    assert config.primary_head.name == DEFAULT_HEAD
+    assert config.primary_head.weights.sha256 == "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: ModelConfig(precision="fp8"), "precision"),
+    (lambda: ModelConfig(device="tpu"), "device"),
+    (lambda: ResourcesConfig(min_actors=3, max_actors=2), "min_actors"),
+    (lambda: WeightsSpec("x.pth", "abc"), "64 lowercase hex"),
+    (lambda: ScoreConfig(input=(), output="o"), "input"),
+    (lambda: ScoreConfig(input=("i",), output="o", shards_per_unit=0), "shards_per_unit"),
+    (lambda: ScoreConfig(input=("i",), output="o", storage_options={"secret": "x"}), "credentials"),
+])
+def test_bad_values_are_rejected_with_the_field_named(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_a_mapping_builds_nested_config_and_rejects_unknown_keys():
+    config = config_from_mapping({
+        "input": "s3://b/shards/", "output": "s3://b/out/",
+        "model": {"name": "tiny-random", "precision": "fp32"},
+        "heads": ["sa_0_4_vit_l_14_linear", {"uri": "/w/my-head.pth", "sha256": "0" * 64}],
+        "resources": {"max_actors": 4},
+    })
+    assert config.input == ("s3://b/shards/",)
+    assert [h.name for h in config.heads] == ["sa_0_4_vit_l_14_linear", "my-head"]
+    assert config.heads[0] == KNOWN_HEADS["sa_0_4_vit_l_14_linear"]
+    with pytest.raises(ConfigError, match="unknown model setting"):
+        config_from_mapping({"input": "i", "output": "o", "model": {"nmae": "x"}})
