@@ -15,7 +15,10 @@ import yaml
 
 from pipeline.config import ConfigError, ScoreConfig, config_from_mapping
 
-EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+
+# Modules under pipeline/commands that add subcommands: each has register(commands) -> None.
+COMMAND_MODULES: tuple[str, ...] = ("pipeline.commands.analysis", "pipeline.commands.cluster", "pipeline.commands.heads")
 
 TINY_WARNING = (
     "\n" + "!" * 78 + "\n"
@@ -127,6 +130,35 @@ def cmd_score(args: argparse.Namespace) -> int:
     return EXIT_OK if summary.ok else EXIT_RUN_FAILED
 
 
+def cmd_nightly(args: argparse.Namespace) -> int:
+    """Score only what arrived or changed since the last run; a second concurrent run backs off."""
+    from pipeline.io.lease import LeaseHeld
+    from pipeline.runner import run_score
+
+    config = config_from_args(args)
+    if config.model.is_tiny_random:
+        print(TINY_WARNING, file=sys.stderr)
+    try:
+        summary = run_score(config)
+    except LeaseHeld as exc:
+        print(f"aesthetics nightly: another run is active, nothing done: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    reasons: dict[str, int] = {}
+    for why in summary.pending_reasons.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    print(f"nightly: {len(summary.pending_reasons)} units to do ({reasons or 'none'})")
+    print_summary(summary)
+    return EXIT_OK if summary.ok else EXIT_RUN_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.status import unit_status
+
+    report = unit_status(args.output, args.input, storage_options=dict(args.storage_option or []))
+    print(report.to_text())
+    return EXIT_RUN_FAILED if report.failed else EXIT_OK
+
+
 def print_summary(summary: Any) -> None:
     print(f"\nrun {summary.run_id}: {len(summary.units_committed)} units committed, "
           f"{summary.units_done_before} already done, {len(summary.units_failed)} failed, "
@@ -164,10 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_arguments(score)
     score.set_defaults(run=cmd_score)
 
+    nightly = commands.add_parser("nightly", help="score only shards that are new or changed since the last run")
+    add_score_arguments(nightly)
+    nightly.set_defaults(run=cmd_nightly)
+
+    status = commands.add_parser("status", help="units done / pending / failed, by model version, and why")
+    status.add_argument("output")
+    status.add_argument("--input", action="append", help="the shards (default: the last run's input)")
+    status.add_argument("--storage-option", action="append", type=_storage_option)
+    status.set_defaults(run=cmd_status)
+
     cutoffs = commands.add_parser("cutoffs", help="the cutoff table of an output prefix, from its manifests")
     cutoffs.add_argument("output")
     cutoffs.add_argument("--storage-option", action="append", type=_storage_option)
     cutoffs.set_defaults(run=cmd_cutoffs)
+
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(commands)
     return parser
 
 

@@ -142,6 +142,7 @@ class ResourcesConfig:
     max_actors: int = 1
     gpus_per_actor: float | None = None
     cpus_per_actor: float = 1.0
+    memory_per_actor_gb: float = 2.0  # host memory an embed actor holds (ViT-L/14 weights are 1.7 GB in fp32)
     decode_cpus: float = 1.0  # CPUs one decode task asks for
     decode_concurrency: int | None = None  # at most this many decode tasks at once (None: Ray decides)
     read_concurrency: int | None = None
@@ -152,6 +153,7 @@ class ResourcesConfig:
                  f"need 1 <= min_actors <= max_actors, got {self.min_actors}..{self.max_actors}")
         _require(self.gpus_per_actor is None or self.gpus_per_actor >= 0, "gpus_per_actor must be >= 0")
         _require(self.cpus_per_actor >= 0 and self.decode_cpus > 0, "CPU requests must be positive")
+        _require(self.memory_per_actor_gb > 0, "memory_per_actor_gb must be positive")
         for name in ("decode_concurrency", "read_concurrency"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"{name} must be >= 1, got {value}")

@@ -74,10 +74,11 @@ def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
         batch_size=resources.embed_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
         num_gpus=gpus_per_actor(config), num_cpus=resources.cpus_per_actor,
-        # A dead actor comes back and its batch is retried (the commit drops any row staged twice).
-        # Explicit, so these args differ from decode's and Ray never fuses decode into the model
-        # holder: decode must scale on CPU tasks, not run inside the GPU actor.
-        max_restarts=-1, max_task_retries=-1,
+        # The model's host memory, so Ray places actors where they fit. Being a request decode does
+        # not make, it also keeps Ray from fusing decode into the model holder when no GPU is asked
+        # for: decode must scale on CPU tasks, not run inside the embed actor. (Ray restarts a dead
+        # actor and retries its batch by default; the commit drops any row staged twice.)
+        memory=int(resources.memory_per_actor_gb * 2**30),
     )
     return ds.map_batches(
         _stage, fn_kwargs={"output": config.output, "run_id": run_id, "storage_options": storage},

@@ -43,33 +43,41 @@ def model_key(config: ScoreConfig) -> str:
     return f"{model.name}/{weights}{pin}|{heads}"
 
 
-def _same_shards(unit: WorkUnit, manifest: Mapping[str, Any]) -> bool:
-    def key(v: Mapping[str, Any]) -> tuple:
-        return v["name"], v.get("size"), v.get("etag")
-    return sorted(map(key, unit.versions())) == sorted(map(key, manifest["shards"]))
-
-
 @dataclass
 class Plan:
     units: list[WorkUnit]
+    shards_per_unit: int
     pending: list[WorkUnit]
     done: list[str]
     stale: list[str]  # committed under another model or head; redone only with rescore
     reasons: dict[str, str]  # why each pending unit is pending
 
 
+def committed_shards_per_unit(manifests: Mapping[str, Mapping[str, Any]]) -> int | None:
+    """The unit size a prefix was first scored with: it fixes unit membership for good."""
+    sizes = {m["shards_per_unit"] for m in manifests.values() if "shards_per_unit" in m}
+    if len(sizes) > 1:
+        raise RuntimeError(f"manifests disagree on shards_per_unit ({sorted(sizes)}): the prefix is inconsistent")
+    return sizes.pop() if sizes else None
+
+
 def plan_run(config: ScoreConfig, manifests: Mapping[str, Mapping[str, Any]] | None = None) -> Plan:
-    units = plan_units(list_shards(config.input, config.storage_options), config.shards_per_unit)
     if manifests is None:
         manifests = read_manifests(config.output, config.storage_options)
+    shards_per_unit = committed_shards_per_unit(manifests) or config.shards_per_unit
+    if shards_per_unit != config.shards_per_unit:
+        # Regrouping would give committed shards new unit ids, and their rows would exist twice.
+        log.warning("output %s was scored with %d shards per unit; keeping that (not %d)",
+                    config.output, shards_per_unit, config.shards_per_unit)
+    units = plan_units(list_shards(config.input, config.storage_options), shards_per_unit)
     key = model_key(config)
-    plan = Plan(units, [], [], [], {})
+    plan = Plan(units, shards_per_unit, [], [], [], {})
     for unit in units:
         manifest = manifests.get(unit.unit_id)
         if manifest is None:
             plan.pending.append(unit)
             plan.reasons[unit.unit_id] = "new"
-        elif not _same_shards(unit, manifest):
+        elif not unit.matches(manifest["shards"]):
             plan.pending.append(unit)
             plan.reasons[unit.unit_id] = "shards added or changed"
         elif manifest.get("model_key") != key:
@@ -87,12 +95,15 @@ def plan_run(config: ScoreConfig, manifests: Mapping[str, Mapping[str, Any]] | N
 class RunSummary:
     run_id: str
     output: str
+    input: list[str]
+    shards_per_unit: int
     model_key: str
     units_total: int
     units_done_before: int
     units_committed: list[str] = field(default_factory=list)
     units_failed: dict[str, str] = field(default_factory=dict)
     units_stale: list[str] = field(default_factory=list)
+    pending_reasons: dict[str, str] = field(default_factory=dict)
     rows: int = 0
     scored: int = 0
     counts_by_status: dict[str, int] = field(default_factory=dict)
@@ -125,9 +136,10 @@ def ensure_ray() -> None:
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
-def _identity(config: ScoreConfig) -> dict[str, Any]:
+def _identity(config: ScoreConfig, shards_per_unit: int) -> dict[str, Any]:
     return {
         "model_key": model_key(config),
+        "shards_per_unit": shards_per_unit,
         "tiny_random": config.model.is_tiny_random,
         "precision": config.model.precision,
         "heads": [{"name": h.name, "uri": h.weights.uri, "sha256": h.weights.sha256} for h in config.heads],
@@ -145,7 +157,7 @@ def _remove_orphan_staging(config: ScoreConfig, run_id: str) -> None:
 
 
 def execute(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str, summary: RunSummary,
-            embed_loader: Any = None, on_commit: Callable[[dict[str, Any]], None] | None = None) -> None:
+            shards_per_unit: int, embed_loader: Any = None, on_commit: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Stream the pipeline; commit each unit the moment all its shards' rows have been staged."""
     from pipeline.graph import build_dataset  # imports the stages: keep `plan` and `status` light
 
@@ -157,7 +169,7 @@ def execute(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str, summary
     first_seen: dict[str, float] = {}
     commits: dict[str, ray.ObjectRef] = {}
     commit_remote = ray.remote(num_cpus=0, max_retries=2)(commit_unit)
-    identity = _identity(config)
+    identity = _identity(config, shards_per_unit)
 
     ds = build_dataset(config, units, run_id, embed_loader=embed_loader)
     for stats in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -201,17 +213,22 @@ def run_score(config: ScoreConfig, run_id: str | None = None, embed_loader: Any 
     started = time.time()
     with Lease(config.output, run_id, ttl_s=lease_ttl_s, storage_options=config.storage_options):
         plan = plan_run(config)
-        summary = RunSummary(run_id=run_id, output=config.output, model_key=model_key(config),
-                             units_total=len(plan.units), units_done_before=len(plan.done),
-                             units_stale=plan.stale, tiny_random=config.model.is_tiny_random)
+        summary = RunSummary(run_id=run_id, output=config.output, input=list(config.input),
+                             shards_per_unit=plan.shards_per_unit,
+                             model_key=model_key(config), units_total=len(plan.units),
+                             units_done_before=len(plan.done), units_stale=plan.stale,
+                             pending_reasons=plan.reasons, tiny_random=config.model.is_tiny_random)
         for unit_id in plan.stale:
             log.warning("unit %s was scored with another model or head; pass --rescore to redo it", unit_id)
         _remove_orphan_staging(config, run_id)
         if plan.pending:
             ensure_ray()
-            execute(config, plan.pending, run_id, summary, embed_loader=embed_loader)
+            execute(config, plan.pending, run_id, summary, plan.shards_per_unit, embed_loader=embed_loader)
+        fs, root = filesystem(config.output, config.storage_options)
+        own_staging = layout.staging_dir(root, run_id, "").rstrip("/")
+        if fs.exists(own_staging):  # what is left belongs to failed units: the next run redoes them
+            fs.rm(own_staging, recursive=True)
         summary.cutoffs = write_cutoffs(config.output, config.storage_options)
         summary.wall_s = round(time.time() - started, 3)
-        fs, root = filesystem(config.output, config.storage_options)
         write_json_atomic(fs, layout.run_file(root, run_id), summary.to_json())
     return summary

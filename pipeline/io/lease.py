@@ -47,9 +47,23 @@ class Lease:
             "expires_at": time.time() + self.ttl_s,
         })
 
+    @staticmethod
+    def _holder_is_dead(held: Mapping[str, Any]) -> bool:
+        """A holder on this very host whose process is gone: its lease need not run out first."""
+        if held.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(held.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
     def acquire(self) -> "Lease":
         held = self._current()
-        if held and held.get("run_id") != self.run_id and held.get("expires_at", 0) > time.time():
+        if held and held.get("run_id") != self.run_id and held.get("expires_at", 0) > time.time() \
+                and not self._holder_is_dead(held):
             raise LeaseHeld(f"run {held['run_id']} on {held.get('host')} (pid {held.get('pid')}) holds "
                             f"{self.path} until {time.ctime(held['expires_at'])}; it expires on its own if that run died")
         self._write()

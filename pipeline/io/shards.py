@@ -57,6 +57,12 @@ class WorkUnit:
     def versions(self) -> list[dict[str, Any]]:
         return [s.version() for s in self.shards]
 
+    def matches(self, committed_shards: Iterable[Mapping[str, Any]]) -> bool:
+        """Whether a manifest's shard list is exactly this unit's shards, at these versions."""
+        def identity(v: Mapping[str, Any]) -> tuple:
+            return v["name"], v.get("size"), v.get("etag")
+        return sorted(map(identity, self.versions())) == sorted(map(identity, committed_shards))
+
 
 def _tag(info: Mapping[str, Any]) -> str | None:
     for field in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created"):

@@ -1,0 +1,1 @@
+"""Subcommands of `aesthetics` beyond score/cutoffs; each module has register(commands)."""

@@ -1,0 +1,83 @@
+"""`aesthetics status`: which units are done, pending or failed, by model version, and why.
+
+Everything comes from the output prefix itself: manifests say what is committed, run summaries
+say what the last runs tried and what failed, and the last run's input is listed again to find
+what is pending.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from pipeline.io import layout
+from pipeline.io.manifests import read_manifests
+from pipeline.io.shards import plan_units, list_shards
+from pipeline.io.storage import filesystem, join, read_json
+from pipeline.runner import committed_shards_per_unit
+
+
+@dataclass
+class StatusReport:
+    output: str
+    committed_by_model: dict[str, int] = field(default_factory=dict)
+    rows_by_model: dict[str, int] = field(default_factory=dict)
+    pending: dict[str, str] = field(default_factory=dict)  # unit -> why
+    failed: dict[str, str] = field(default_factory=dict)  # unit -> the last failure, not committed since
+    last_run: dict[str, Any] | None = None
+    input: list[str] = field(default_factory=list)
+
+    def to_text(self) -> str:
+        lines = [f"output {self.output}"]
+        for key, units in sorted(self.committed_by_model.items()):
+            lines.append(f"  done     {units:6d} units  {self.rows_by_model[key]:10d} rows  model {key}")
+        lines.append(f"  pending  {len(self.pending):6d} units" + (f"  (input {', '.join(self.input)})" if self.input else
+                                                                 "  (no input known: pass --input)"))
+        for unit, why in sorted(self.pending.items()):
+            lines.append(f"    {unit}: {why}")
+        lines.append(f"  failed   {len(self.failed):6d} units")
+        for unit, why in sorted(self.failed.items()):
+            lines.append(f"    {unit}: {why}")
+        if self.last_run:
+            lines.append(f"  last run {self.last_run['run_id']}: {len(self.last_run['units_committed'])} committed, "
+                         f"{len(self.last_run['units_failed'])} failed, wall {self.last_run['wall_s']}s")
+        return "\n".join(lines)
+
+
+def read_run_summaries(output: str, storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    fs, root = filesystem(output, storage_options)
+    folder = join(root, layout.RUNS)
+    if not fs.exists(folder):
+        return []
+    runs = [read_json(fs, p) for p in fs.find(folder) if p.endswith(".json")]
+    return sorted(runs, key=lambda r: r["run_id"])
+
+
+def unit_status(output: str, inputs: Sequence[str] | None = None, model_key: str | None = None,
+                shards_per_unit: int | None = None, storage_options: Mapping[str, Any] | None = None) -> StatusReport:
+    manifests = read_manifests(output, storage_options)
+    runs = read_run_summaries(output, storage_options)
+    report = StatusReport(output=output, last_run=runs[-1] if runs else None)
+    for manifest in manifests.values():
+        key = manifest["model_key"]
+        report.committed_by_model[key] = report.committed_by_model.get(key, 0) + 1
+        report.rows_by_model[key] = report.rows_by_model.get(key, 0) + manifest["rows"]
+    for run in runs:  # later runs overwrite earlier verdicts
+        for unit, why in run.get("units_failed", {}).items():
+            report.failed[unit] = f"{why} (run {run['run_id']})"
+        for unit in run.get("units_committed", []):
+            report.failed.pop(unit, None)
+    report.input = list(inputs or (runs[-1].get("input", []) if runs else []))
+    key = model_key or (runs[-1].get("model_key") if runs else None)
+    if report.input:
+        per_unit = (shards_per_unit or committed_shards_per_unit(manifests)
+                    or (runs[-1].get("shards_per_unit") if runs else None) or 4)
+        for unit in plan_units(list_shards(report.input, storage_options), per_unit):
+            manifest = manifests.get(unit.unit_id)
+            if manifest is None:
+                report.pending[unit.unit_id] = "new"
+            elif not unit.matches(manifest["shards"]):
+                report.pending[unit.unit_id] = "shards added or changed"
+            elif key and manifest["model_key"] != key:
+                report.pending[unit.unit_id] = f"scored with {manifest['model_key']}: needs --rescore"
+    return report

@@ -1,0 +1,71 @@
+"""A local Ray for the session, and the scoring set-up every integration test shares."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import DEFAULT_HEAD, KNOWN_HEADS, DecodeConfig, HeadSpec, ModelConfig, ResourcesConfig, \
+    ScoreConfig, WeightsSpec
+
+SHARED_HEADS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "laion-aesthetics" / "heads"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One local Ray for the whole session. It starts after the S3 server so its workers inherit
+    the AWS_* variables, exactly as a node would take them from its environment."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@dataclass(frozen=True)
+class Scoring:
+    heads: tuple[HeadSpec, ...]
+    weights_dirs: tuple[str, ...]
+
+    def config(self, inputs, output: str, **changes) -> ScoreConfig:
+        values = dict(
+            input=tuple([inputs] if isinstance(inputs, str) else inputs), output=output,
+            model=ModelConfig(name="tiny-random", precision="fp32"), heads=self.heads,
+            weights_dirs=self.weights_dirs, shards_per_unit=1,
+            decode=DecodeConfig(batch_size=16), resources=ResourcesConfig(embed_batch_size=16),
+        )
+        values.update(changes)
+        return ScoreConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def scoring(tmp_path_factory) -> Scoring:
+    """The real LAION V2 head from ../shared when present, else a seeded random head in its format."""
+    if (SHARED_HEADS / "sac+logos+ava1-l14-linearMSE.pth").exists():
+        return Scoring((KNOWN_HEADS[DEFAULT_HEAD],), (str(SHARED_HEADS),))
+    from pipeline.demo import _random_v2_head
+
+    path, digest = _random_v2_head(tmp_path_factory.mktemp("heads"))
+    return Scoring((HeadSpec("random-v2", WeightsSpec(path, digest)),), ())
+
+
+def rewrite_tar(source: str | Path, target: str | Path, replace: dict[str, bytes] | None = None,
+                add: list[tuple[str, bytes]] | None = None) -> None:
+    """Copy a tar, swapping the data of some members and appending others."""
+    replace = replace or {}
+    with tarfile.open(source) as original, tarfile.open(target, "w", format=tarfile.USTAR_FORMAT) as copy:
+        for member in original.getmembers():
+            data = replace.get(member.name, original.extractfile(member).read())
+            info = tarfile.TarInfo(member.name)
+            info.size = len(data)
+            copy.addfile(info, io.BytesIO(data))
+        for name, data in add or []:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            copy.addfile(info, io.BytesIO(data))

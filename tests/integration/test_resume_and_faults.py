@@ -1,0 +1,164 @@
+"""Issue 3: nothing lost, nothing twice — a killed driver, a killed actor, shards that arrive later."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ray import cloudpickle
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from pipeline import schema as S
+from pipeline.io.manifests import committed_files, read_manifests
+from pipeline.runner import run_score
+from pipeline.status import unit_status
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _keys(output: str) -> list[tuple[str, str]]:
+    table = pads.dataset(committed_files(output), format="parquet", partitioning="hive").to_table(
+        columns=[S.SHARD, S.KEY])
+    return list(zip(table[S.SHARD].to_pylist(), table[S.KEY].to_pylist()))
+
+
+@pytest.fixture(scope="module")
+def nine_shards(tmp_path_factory):
+    """40 photos + 4 failures through img2dataset, 5 URLs a shard: 9 shards."""
+    from pipeline.sample_data import build_sample_dataset
+
+    return build_sample_dataset(tmp_path_factory.mktemp("nine"), n_images=40, images_per_shard=5)
+
+
+def _score_command(shards: str, output: str, scoring) -> list[str]:
+    command = [sys.executable, "-m", "jobs.score", "--input", shards, "--output", output, "--model", "tiny-random",
+               "--precision", "fp32", "--shards-per-unit", "1", "--batch-size", "8", "--decode-batch-size", "8"]
+    for directory in scoring.weights_dirs:
+        command += ["--weights-dir", directory]
+    for head in scoring.heads:
+        command += ["--head", f"{head.weights.uri},sha256={head.weights.sha256}"]
+    return command
+
+
+def test_a_driver_killed_mid_run_resumes_and_every_key_lands_once(nine_shards, scoring, tmp_path):
+    output = str(tmp_path / "scores")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = _score_command(nine_shards.shards_dir, output, scoring)
+    log = open(tmp_path / "first.log", "wb")
+    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    manifests = Path(output) / "_manifests"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and driver.poll() is None:
+            if manifests.exists() and any(manifests.glob("*.json")):
+                break
+            time.sleep(0.1)
+        committed_at_kill = len(list(manifests.glob("*.json"))) if manifests.exists() else 0
+        assert driver.poll() is None, "the run ended before it could be killed: " + (tmp_path / "first.log").read_text()[-2000:]
+        os.kill(driver.pid, signal.SIGKILL)  # the driver only; its Ray is left to notice on its own
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        time.sleep(1)
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # whatever of the local Ray outlived its driver
+        except ProcessLookupError:
+            pass
+    assert 1 <= committed_at_kill < 9
+    print(f"killed the driver with {committed_at_kill} of 9 units committed")
+
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    print(rerun.stdout[-3000:])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads(sorted((Path(output) / "_runs").glob("*.json"))[-1].read_text())
+    assert summary["units_done_before"] >= committed_at_kill
+    assert len(summary["units_committed"]) + summary["units_done_before"] == 9
+    keys = _keys(output)
+    assert len(keys) == len(set(keys)) == len(nine_shards.all_keys)
+    assert sorted(k for _, k in keys) == nine_shards.all_keys
+    assert not (Path(output) / "_staging").exists() or not any((Path(output) / "_staging").iterdir())
+
+
+def test_nightly_scores_only_the_shards_that_arrived_since(nine_shards, scoring, ray_local, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    source = Path(nine_shards.shards_dir)
+    for stem in ("00000", "00001", "00002"):
+        for suffix in (".tar", ".parquet"):
+            shutil.copy(source / f"{stem}{suffix}", shards)
+    output = str(tmp_path / "scores")
+    config = scoring.config(str(shards), output)
+    first = run_score(config)
+    assert len(first.units_committed) == 3
+    before = read_manifests(output)
+
+    for stem in ("00003", "00004"):
+        for suffix in (".tar", ".parquet"):
+            shutil.copy(source / f"{stem}{suffix}", shards)
+    assert set(unit_status(output).pending.values()) == {"new"}
+    second = run_score(config)
+    assert set(second.pending_reasons.values()) == {"new"} and len(second.units_committed) == 2
+    after = read_manifests(output)
+    assert all(after[unit]["run_id"] == before[unit]["run_id"] for unit in before)  # untouched
+    assert len(_keys(output)) == sum(m["rows"] for m in after.values())
+
+    third = run_score(config)
+    assert third.units_committed == [] and third.units_done_before == 5
+
+    rescored = dataclasses.replace(config, model=dataclasses.replace(config.model, seed=1))
+    stale = run_score(rescored)
+    assert stale.units_committed == [] and len(stale.units_stale) == 5  # never silently
+    redone = run_score(dataclasses.replace(rescored, rescore=True))
+    assert len(redone.units_committed) == 5
+    assert len(_keys(output)) == len(set(_keys(output)))
+
+
+class _DiesOnFirstBatch(torch.nn.Module):
+    """Wraps the CLIP model; the first encode_image call anywhere kills its whole process."""
+
+    def __init__(self, model: torch.nn.Module, marker: str):
+        super().__init__()
+        self.inner = model
+        self.marker = marker
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(1)
+        return self.inner.encode_image(images)
+
+
+def _loader_that_dies_once(model_config, heads, search_dirs, marker: str):
+    from pipeline.stages.embed import load_clip_and_heads
+
+    clip, bank = load_clip_and_heads(model_config, heads, search_dirs)
+    return dataclasses.replace(clip, model=_DiesOnFirstBatch(clip.model, marker)), bank
+
+
+def test_an_actor_killed_mid_batch_loses_and_duplicates_nothing(sample_dataset, scoring, ray_local, tmp_path):
+    import functools
+    import tests.integration.test_resume_and_faults as this_module
+
+    cloudpickle.register_pickle_by_value(this_module)
+    output = str(tmp_path / "scores")
+    config = scoring.config(sample_dataset.shards_dir, output)
+    marker = str(tmp_path / "actor-died")
+    loader = functools.partial(_loader_that_dies_once, config.model, config.heads, config.weights_dirs, marker)
+    summary = run_score(config, embed_loader=loader)
+    assert Path(marker).exists(), "the actor never died: the test tested nothing"
+    assert summary.ok
+    keys = _keys(output)
+    assert len(keys) == len(set(keys))
+    assert sorted(k for _, k in keys) == sample_dataset.all_keys

@@ -1,0 +1,244 @@
+"""pipeline.images against open_clip's own preprocessing (the reference), and its deliberate differences."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image, ImageOps
+from torchvision.transforms.functional import _compute_resized_output_size
+
+from pipeline.images import (
+    DRAFT_MARGIN,
+    ImageRejected,
+    center_crop_box,
+    decode_square,
+    open_image,
+    resample_filter,
+    resized_size,
+)
+from pipeline.schema import Status
+from tests.hostile_images import (
+    clip_transform,
+    encode,
+    exif_rotated_jpeg,
+    grey16_png,
+    hostile_corpus,
+    normalise,
+    palette_png,
+    photo,
+    png_bomb,
+    reference_tensor,
+    rgba_png,
+    to_uint8,
+)
+
+SIZE = 224
+NO_LIMIT = 1 << 40
+FAST_MAD_TARGET = 0.02  # normalised units
+
+
+def decode(data: bytes, fast: bool = False, size: int = SIZE, **options) -> np.ndarray:
+    out = np.zeros((size, size, 3), np.uint8)
+    decode_square(data, out, max_pixels=NO_LIMIT, fast=fast, **options)
+    return out
+
+
+def assert_matches_reference(pixels: np.ndarray, reference: np.ndarray, max_level: int = 1,
+                             max_fraction: float = 0.01) -> None:
+    """Equal to the reference's uint8 pixels but for a 1-level difference on at most 1% of values."""
+    difference = np.abs(pixels.astype(int) - to_uint8(reference))
+    assert difference.max() <= max_level, difference.max()
+    assert (difference > 0).mean() <= max_fraction, (difference > 0).mean()
+
+
+def photo_jpeg(name: str, shortest_side: int, portrait: bool = False) -> bytes:
+    image = Image.fromarray(getattr(skimage.data, name)())
+    if portrait:  # skimage's photos are all landscape; Pillow picks its pass order differently for portraits
+        image = image.transpose(Image.Transpose.ROTATE_90)
+    scale = shortest_side / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+    return encode(image, "JPEG", quality=95)
+
+
+# Geometry ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width, height", [(1, 1), (224, 224), (225, 224), (300, 200), (200, 300), (451, 300),
+                                           (20_000, 2), (3, 17_000), (1023, 767), (640, 481)])
+def test_resized_size_is_torchvisions(width, height):
+    new_height, new_width = _compute_resized_output_size((height, width), [SIZE])
+    assert resized_size(width, height, SIZE) == (new_width, new_height)
+
+
+def test_crop_box_is_the_centre_crop_in_source_coordinates():
+    assert center_crop_box(224, 224, 224) == (0, 0, 224, 224)
+    assert center_crop_box(448, 224, 224) == (112, 0, 336, 224)
+    # (225 - 224) / 2 = 0.5 rounds to 0 (ties to even), as torchvision's CenterCrop does.
+    assert center_crop_box(225, 224, 224)[0] == 0
+    assert center_crop_box(227, 224, 224)[0] == 2  # 1.5 rounds to 2
+    left, top, right, bottom = center_crop_box(20_000, 2, 224)
+    assert right <= 20_000 and bottom == 2 and right - left == pytest.approx(2.0)  # a 2 x 2 source square
+
+
+@pytest.mark.parametrize("width, height", [(224, 224), (225, 224), (227, 226), (300, 200), (199, 301), (640, 480),
+                                           (97, 53), (1000, 223), (5, 7), (1201, 899)])
+def test_exact_path_equals_the_reference_on_any_shape(width, height):
+    data = encode(photo(width, height), "PNG", compress_level=0)
+    assert_matches_reference(decode(data), reference_tensor(data))
+
+
+@pytest.mark.parametrize("name, portrait", [("astronaut", False), ("chelsea", False), ("coffee", True)])
+@pytest.mark.parametrize("shortest_side", [256, 512, 1000])
+def test_exact_path_equals_the_reference_on_photos(name, portrait, shortest_side):
+    data = photo_jpeg(name, shortest_side, portrait)
+    assert_matches_reference(decode(data), reference_tensor(data))
+
+
+@pytest.mark.parametrize("name, portrait", [("astronaut", False), ("chelsea", True), ("rocket", False)])
+@pytest.mark.parametrize("shortest_side", [600, 896, 1120, 1800])
+def test_fast_path_stays_close_to_the_reference(name, portrait, shortest_side):
+    """Shortest sides where the DCT reduction leaves the least for bicubic to do: the worst cases."""
+    data = photo_jpeg(name, shortest_side, portrait)
+    mad = np.abs(normalise(decode(data, fast=True)) - reference_tensor(data)).mean()
+    assert mad < FAST_MAD_TARGET
+
+
+def test_fast_path_only_reduces_when_the_shortest_side_allows():
+    small = photo_jpeg("chelsea", int(2 * SIZE * DRAFT_MARGIN) - 1)  # a 1/2 DCT reduction would go under
+    assert np.array_equal(decode(small, fast=True), decode(small))
+    large = photo_jpeg("chelsea", int(2 * SIZE * DRAFT_MARGIN) + 8)
+    assert not np.array_equal(decode(large, fast=True), decode(large))
+
+
+def test_fast_path_leaves_other_formats_exact():
+    for fmt, options in (("PNG", {"compress_level": 0}), ("WEBP", {"lossless": True, "method": 0})):
+        data = encode(photo(1200, 900), fmt, **options)
+        assert np.array_equal(decode(data, fast=True), decode(data))
+
+
+def test_other_output_sizes_and_interpolations():
+    data = encode(photo(640, 480), "PNG")
+    for size in (64, 336):
+        for interpolation in ("bicubic", "bilinear"):
+            reference = clip_transform(size, interpolation)(Image.open(io.BytesIO(data))).numpy()
+            pixels = decode(data, size=size, resample=resample_filter(interpolation))
+            assert_matches_reference(pixels, reference)
+
+
+def test_unknown_interpolation_is_rejected():
+    with pytest.raises(ValueError, match="interpolation"):
+        resample_filter("cubic-ish")
+
+
+# Deliberate differences -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("orientation, fast, size", [(o, False, (320, 200)) for o in range(1, 9)]
+                         + [(o, True, (1300, 700)) for o in (3, 6)])
+def test_exif_orientation_is_applied(orientation, fast, size):
+    data = exif_rotated_jpeg(orientation, size=size)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    pixels = decode(data, fast=fast)
+    if fast:  # 700 px: a 1/2 DCT reduction, compared with the reference like any fast decode
+        assert np.abs(normalise(pixels) - reference_tensor(upright)).mean() < FAST_MAD_TARGET
+        assert np.abs(normalise(decode(data, fast=True, apply_exif_orientation=False))
+                      - reference_tensor(data)).mean() < FAST_MAD_TARGET
+    else:
+        assert_matches_reference(pixels, reference_tensor(upright))
+
+
+def test_exif_orientation_reports_the_upright_size_and_can_be_turned_off():
+    data = exif_rotated_jpeg(6, size=(320, 200))
+    out = np.zeros((SIZE, SIZE, 3), np.uint8)
+    assert decode_square(data, out, max_pixels=NO_LIMIT) == (200, 320)
+    assert decode_square(data, out, max_pixels=NO_LIMIT, apply_exif_orientation=False) == (320, 200)
+    assert_matches_reference(out, reference_tensor(data))  # unrotated: exactly the reference
+
+
+def test_transparency_is_matted_over_white():
+    data = rgba_png(size=(96, 80))  # bottom half fully transparent
+    rgba = Image.open(io.BytesIO(data))
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    matted = Image.alpha_composite(white, rgba).convert("RGB")
+    pixels = decode(data)
+    assert_matches_reference(pixels, reference_tensor(matted))
+    assert (pixels[-40:] == 255).all()  # transparent: white, where the reference gives black
+    assert (to_uint8(reference_tensor(data))[-40:] == 0).all()
+
+
+def test_palette_transparency_is_matted_over_white():
+    data = palette_png(transparent=True)
+    matted = Image.alpha_composite(Image.new("RGBA", (120, 90), "white"), Image.open(io.BytesIO(data)).convert("RGBA"))
+    assert_matches_reference(decode(data), reference_tensor(matted.convert("RGB")))
+
+
+def test_palette_and_one_bit_images_are_resampled_in_colour():
+    palette = palette_png(transparent=False)
+    assert_matches_reference(decode(palette), reference_tensor(Image.open(io.BytesIO(palette)).convert("RGB")))
+    one_bit = encode(Image.fromarray(photo(50, 40)).convert("1"), "PNG")
+    pixels = decode(one_bit)
+    assert_matches_reference(pixels, reference_tensor(Image.open(io.BytesIO(one_bit)).convert("L")))
+    assert 0 < (pixels[..., 0] % 255).mean()  # greys, where nearest neighbour would leave only black and white
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    data = grey16_png(size=(100, 70))
+    values = np.asarray(Image.open(io.BytesIO(data))).astype(np.int64)
+    scaled = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    pixels = decode(data)
+    assert_matches_reference(pixels, reference_tensor(scaled))
+    assert pixels.min() < 10 and pixels.max() > 245  # the full ramp survives
+    assert to_uint8(reference_tensor(data)).mean() > 250  # the reference clips it to almost all white
+
+
+def test_animated_images_give_their_first_frame():
+    corpus = hostile_corpus()
+    for name in ("animated_gif", "animated_webp", "animated_png"):
+        red = decode(corpus[name].data).reshape(-1, 3).mean(axis=0)
+        assert red[0] > 180 and red[1] < 60 and red[2] < 60, (name, red)
+
+
+def test_cmyk_matches_the_reference():
+    data = hostile_corpus()["cmyk_jpeg"].data
+    assert Image.open(io.BytesIO(data)).mode == "CMYK"
+    assert_matches_reference(decode(data), reference_tensor(data))
+    assert_matches_reference(decode(data, fast=True), reference_tensor(data))
+
+
+# Rejections ---------------------------------------------------------------------------------------
+
+
+def test_sizes_are_checked_from_the_header_before_decoding():
+    start = time.perf_counter()
+    with pytest.raises(ImageRejected) as caught:
+        decode(png_bomb(100_000, 100_000))
+    assert caught.value.status is Status.IMAGE_TOO_LARGE
+    assert time.perf_counter() - start < 0.5
+
+
+def test_the_configured_pixel_limit_applies():
+    data = encode(photo(100, 50), "PNG")
+    assert open_image(data, max_pixels=5000).size == (100, 50)
+    with pytest.raises(ImageRejected, match="5000 pixels, over the limit of 4999") as caught:
+        open_image(data, max_pixels=4999)
+    assert caught.value.status is Status.IMAGE_TOO_LARGE
+
+
+def test_pillows_bomb_warning_is_an_error():
+    # 10^8 pixels: over Pillow's limit (89 478 485) but under twice it, where Pillow only warns.
+    with pytest.raises(ImageRejected) as caught:
+        open_image(png_bomb(10_000, 10_000), max_pixels=NO_LIMIT)
+    assert caught.value.status is Status.IMAGE_TOO_LARGE
+
+
+@pytest.mark.parametrize("name, case", [(n, c) for n, c in hostile_corpus().items()
+                                        if c.data and c.status is not Status.OK])
+def test_rejections_carry_a_status_and_a_short_message(name, case):
+    with pytest.raises(ImageRejected) as caught:
+        decode(case.data)
+    assert caught.value.status is case.status
+    assert 0 < len(str(caught.value)) <= 200
