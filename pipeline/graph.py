@@ -9,6 +9,7 @@ only the model holder is an actor, loaded once per actor.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterator, Mapping, Sequence
 
 import ray
@@ -28,8 +29,13 @@ def _read(batch: Mapping[str, Any], storage_options: Mapping[str, Any], rows_per
     yield from ReadShard(storage_options, rows_per_batch)(batch)
 
 
+@functools.lru_cache(maxsize=4)
+def _decoder(decode_config, image_size: int, interpolation: str) -> Decode:
+    return Decode(decode_config, image_size=image_size, interpolation=interpolation)
+
+
 def _decode(batch: dict, decode_config, image_size: int, interpolation: str) -> dict:
-    return Decode(decode_config, image_size=image_size, interpolation=interpolation)(batch)
+    return _decoder(decode_config, image_size, interpolation)(batch)
 
 
 def _stage(batch: dict, output: str, run_id: str, storage_options: Mapping[str, Any]) -> dict:

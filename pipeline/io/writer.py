@@ -193,7 +193,10 @@ def commit_unit(output: str, run_id: str, unit_id: str, shard_versions: list[dic
     for version in shard_versions:
         mask = pc.equal(table[S.SHARD], version["name"])
         shard_statuses = Counter(pc.filter(table[S.STATUS], mask).to_pylist())
-        shards.append({**version, "rows": rows_by_shard[version["name"]], "counts_by_status": dict(shard_statuses)})
+        failed = pc.and_(mask, pc.is_in(table[S.STATUS], pa.array([S.Status.SHARD_ERROR.value])))
+        errors = sorted({e for e in pc.filter(table[S.ERROR], failed).to_pylist() if e})[:5]
+        shards.append({**version, "rows": rows_by_shard[version["name"]], "counts_by_status": dict(shard_statuses),
+                       **({"shard_errors": errors} if errors else {})})
     manifest = {
         "format": MANIFEST_FORMAT,
         "unit": unit_id,

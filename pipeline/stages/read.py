@@ -78,8 +78,8 @@ def _row_for_sample(sample: Sample, meta: SidecarRow | None) -> dict[str, Any]:
     else:
         metadata_json = None
 
-    if sample.error is not None:
-        status, error = S.Status.DECODE_ERROR, sample.error
+    if sample.error is not None:  # the tar ends inside this sample's image member
+        status, error = S.Status.SHARD_ERROR, sample.error
     elif sample.image_member is not None:
         status, error = S.Status.OK, None
     elif meta is not None and meta.status not in (None, SUCCESS):
