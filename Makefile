@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
 	$(UV) venv -q --allow-existing --python $(PYTHON) $(VENV)
 	UV_HTTP_TIMEOUT=300 $(UV) pip install -q -p $(BIN)/python -e '.[test]'
+	# The report test drives the system Chromium (never a browser download); Debian's package.
+	command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "warning: chromium not installed; the report's browser test will say so"
 	touch $(STAMP)
 
 demo: install

@@ -66,7 +66,9 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-actor", type=float)
     parser.add_argument("--shards-per-unit", type=int)
     parser.add_argument("--write-embeddings", action="store_true", default=None)
-    parser.add_argument("--quality-metrics", action="store_true", default=None)
+    parser.add_argument("--quality-metrics", action="store_true", default=None,
+                        help="sharpness, exposure, contrast and colourfulness columns from the decode stage")
+    parser.add_argument("--prompts", help="zero-shot prompt score columns: 'default' or a prompt-set YAML file")
     parser.add_argument("--exact-decode", action="store_true", default=None,
                         help="full-size decode (slower) instead of JPEG DCT downscaling")
     parser.add_argument("--rescore", action="store_true", default=None,
@@ -107,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
         values["weights_dirs"] = args.weights_dir
     if args.shards_per_unit is not None:
         values["shards_per_unit"] = args.shards_per_unit
-    for flag in ("write_embeddings", "rescore"):
+    for flag in ("write_embeddings", "rescore", "prompts"):
         if getattr(args, flag) is not None:
             values[flag] = getattr(args, flag)
     if args.storage_option:

@@ -173,6 +173,7 @@ class ScoreConfig:
     write_embeddings: bool = False
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     weights_dirs: tuple[str, ...] = ()  # folders (local or URI) searched for weight files first
+    prompts: str | None = None  # zero-shot prompt sets: a YAML path, or "default" for the shipped ones
     rescore: bool = False  # redo units committed under another model or head identity
 
     def __post_init__(self) -> None:

@@ -76,6 +76,7 @@ def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
         fn_constructor_kwargs={
             "model": config.model, "heads": config.heads, "write_embeddings": config.write_embeddings,
             "search_dirs": config.weights_dirs, "storage_options": storage, "loader": embed_loader,
+            "prompts": config.prompts,
         },
         batch_size=resources.embed_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),

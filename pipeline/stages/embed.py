@@ -4,6 +4,10 @@ A callable class for ``Dataset.map_batches`` with an actor pool: the model and h
 actor in ``__init__``; ``__call__`` maps a column batch to a column batch. Only rows whose status is ``ok``
 reach the model; every other row passes through with its status and error untouched and NaN scores. A row
 whose score comes out non-finite is marked ``score_error``; one bad row never fails the batch.
+
+With ``prompts`` (a prompt YAML path/URI, ``"default"``, or parsed :class:`PromptSets`), the zero-shot
+prompt sets are embedded once in ``__init__`` with the text tower and each batch also gets one
+``score_prompt_<set>`` column per set, from the same unit image embeddings (one more matmul).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pipeline import schema
 from pipeline.config import HeadSpec, ModelConfig
 from pipeline.models.clip import LoadedClip, load_clip
 from pipeline.models.heads import HeadBank, load_head_bank
+from pipeline.models.prompts import PromptBank, PromptSets, build_prompt_bank
 from pipeline.schema import Status
 
 Loader = Callable[[], "tuple[LoadedClip, HeadBank]"]
@@ -39,7 +44,11 @@ def load_clip_and_heads(
 
 
 class EmbedScore:
-    """``map_batches`` callable: PIXELS (N, S, S, 3) uint8 + STATUS/ERROR -> scores, identities, embeddings."""
+    """``map_batches`` callable: PIXELS (N, S, S, 3) uint8 + STATUS/ERROR -> scores, identities, embeddings.
+
+    Score columns: ``aesthetic_score`` (first head), ``score_<head>`` (other heads), then
+    ``score_prompt_<set>`` (prompt sets, when ``prompts`` is given).
+    """
 
     def __init__(
         self,
@@ -49,6 +58,7 @@ class EmbedScore:
         search_dirs: Sequence[str] = (),
         storage_options: Mapping[str, Any] | None = None,
         loader: Loader | None = None,
+        prompts: str | PromptSets | None = None,
     ):
         if loader is None:
             loader = functools.partial(load_clip_and_heads, model, tuple(heads), tuple(search_dirs),
@@ -64,9 +74,18 @@ class EmbedScore:
         self.write_embeddings = write_embeddings
         self.model_identity = self.clip.identity
         self.primary_head_identity = self.head_bank.identities[0]
-        self.score_columns = (schema.AESTHETIC_SCORE,) + tuple(schema.score_column(n) for n in expected_names[1:])
+        # Zero-shot prompt sets: their text vectors are computed once, here; each batch scores them beside the heads.
+        self.prompt_bank: PromptBank | None = (
+            build_prompt_bank(self.clip, prompts, storage_options) if prompts is not None else None)
+        self.prompt_identity = self.prompt_bank.identity if self.prompt_bank else None
+        prompt_names = self.prompt_bank.names if self.prompt_bank else ()
+        # Names for error messages, in score-column order: heads, then prompt sets.
+        self._score_names = expected_names + tuple(f"prompt {name}" for name in prompt_names)
+        self.score_columns = ((schema.AESTHETIC_SCORE,) + tuple(schema.score_column(n) for n in expected_names[1:])
+                              + (self.prompt_bank.columns if self.prompt_bank else ()))
         if len(set(self.score_columns)) != len(self.score_columns):
-            raise ValueError(f"head names {expected_names} map to clashing columns {self.score_columns}")
+            raise ValueError(f"head names {expected_names} and prompt sets {prompt_names} map to clashing "
+                             f"columns {self.score_columns}")
 
         device = self.clip.device
         size = self.clip.image_size
@@ -96,7 +115,7 @@ class EmbedScore:
             for i in np.flatnonzero(~finite):
                 status[rows[i]] = Status.SCORE_ERROR.value
                 error[rows[i]] = "non-finite score: " + ", ".join(
-                    f"{name}={value}" for name, value in zip(self.head_bank.names, row_scores[i]))
+                    f"{name}={value}" for name, value in zip(self._score_names, row_scores[i]))
             rows, row_scores = rows[finite], row_scores[finite]
             scores[:, rows] = row_scores.T
             if embeddings is not None:
@@ -158,12 +177,16 @@ class EmbedScore:
         return staging.to(device, non_blocking=True)
 
     def _embed_and_score(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """(K, S, S, 3) uint8 on the device -> (K, H) float32 scores and, if kept, (K, D) fp16 unit embeddings."""
+        """(K, S, S, 3) uint8 on the device -> (K, H + P) float32 scores (heads, then prompt sets) and, if
+        kept, (K, D) fp16 unit embeddings."""
         with torch.inference_mode():
             images = pixels.permute(0, 3, 1, 2).float()  # NHWC -> NCHW view, then cast
             images = images.mul_(self._scale).sub_(self._shift).to(self.clip.input_dtype)
             features = self.clip.model.encode_image(images).float()
             unit = F.normalize(features, dim=-1)
-            row_scores = self.head_bank.score_matrix(unit).cpu().numpy()
+            row_scores = self.head_bank.score_matrix(unit)
+            if self.prompt_bank is not None:
+                row_scores = torch.cat([row_scores, self.prompt_bank.score_matrix(unit)], dim=1)
+            row_scores = row_scores.cpu().numpy()
             row_embeddings = unit.half().cpu().numpy() if self.write_embeddings else None
         return row_scores, row_embeddings

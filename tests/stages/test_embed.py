@@ -172,3 +172,87 @@ def test_heads_for_another_embedding_size_fail_at_start(tiny_clip) -> None:
     spec = (HeadSpec("b32", WeightsSpec("/unused/b32.pth")),)
     with pytest.raises(EmbeddingDimMismatch, match="512"):
         EmbedScore(TINY, spec, loader=lambda: (tiny_clip, b32_like))
+
+
+# -- zero-shot prompt columns ---------------------------------------------------------------------------
+
+PROMPT_YAML = """\
+version: 1
+sets:
+  aesthetic: {positive: an outstanding picture, negative: a horrible picture}
+  lighting:
+    positive: ["a photo with beautiful lighting", "a well-lit photo"]
+    negative: ["a photo with poor lighting", "a badly lit photo"]
+"""
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.yaml"
+    path.write_text(PROMPT_YAML)
+    return str(path)
+
+
+def test_prompts_add_one_column_per_set(tiny_clip, head_bank, prompt_file) -> None:
+    from pipeline.models.prompts import PromptBank, load_prompt_sets
+
+    batch = _batch()
+    stage = _stage(tiny_clip, head_bank, prompts=prompt_file)
+    out = stage(batch)
+    ok = np.array([s == "ok" for s in STATUSES])
+    columns = ("score_prompt_aesthetic", "score_prompt_lighting")
+    assert stage.score_columns[-2:] == columns
+    assert stage.prompt_identity.startswith("prompts:prompts.yaml@")
+
+    pixels = torch.from_numpy(batch[schema.PIXELS]).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (tiny_clip.mean, tiny_clip.std))
+    with torch.inference_mode():
+        unit = torch.nn.functional.normalize(tiny_clip.model.encode_image((pixels - mean) / std), dim=-1)
+    expected = PromptBank.build(tiny_clip, load_prompt_sets(prompt_file)).score(unit)
+    for column in columns:
+        assert out[column].dtype == np.float32 and out[column].shape == (6,)
+        assert np.isnan(out[column][~ok]).all()
+        np.testing.assert_allclose(out[column][ok], expected[column][ok], rtol=0, atol=1e-5)
+    # The heads are unchanged by the prompts riding along.
+    without = _stage(tiny_clip, head_bank)(batch)
+    np.testing.assert_array_equal(out[schema.AESTHETIC_SCORE], without[schema.AESTHETIC_SCORE])
+
+
+def test_default_prompts_and_parsed_sets_are_accepted(tiny_clip, head_bank, prompt_file) -> None:
+    from pipeline.models.prompts import load_prompt_sets
+
+    default = _stage(tiny_clip, head_bank, prompts="default")
+    assert default.prompt_bank.columns == load_prompt_sets("default").columns
+    parsed = _stage(tiny_clip, head_bank, prompts=load_prompt_sets(prompt_file))
+    out = parsed(_batch(2, statuses=("ok", "ok")))
+    assert np.isfinite(out["score_prompt_lighting"]).all()
+    assert _stage(tiny_clip, head_bank).prompt_bank is None
+
+
+def test_a_bad_prompt_file_fails_at_start(tiny_clip, head_bank, tmp_path) -> None:
+    from pipeline.models.prompts import PromptConfigError
+
+    (tmp_path / "bad.yaml").write_text("version: 1\nsets: {a: {negative: x}}\n")
+    with pytest.raises(PromptConfigError, match="'positive' is required"):
+        _stage(tiny_clip, head_bank, prompts=str(tmp_path / "bad.yaml"))
+
+
+def test_a_prompt_set_clashing_with_a_head_column_fails_at_start(tiny_clip, tmp_path) -> None:
+    bank = HeadBank([Head.from_state_dict("main", _head_state_dicts()["v1.like"]),
+                     Head.from_state_dict("prompt_aesthetic", _head_state_dicts()["v1.like"])])
+    specs = tuple(HeadSpec(name, WeightsSpec(f"/unused/{name}.pth")) for name in ("main", "prompt_aesthetic"))
+    (tmp_path / "p.yaml").write_text(PROMPT_YAML)
+    with pytest.raises(ValueError, match="clashing"):
+        EmbedScore(TINY, specs, loader=lambda: (tiny_clip, bank), prompts=str(tmp_path / "p.yaml"))
+
+
+def test_a_non_finite_prompt_score_is_reported_by_set_name(tiny_clip, head_bank, prompt_file) -> None:
+    stub = dataclasses.replace(tiny_clip, model=_NaNForBrightCorner(), identity="stub")
+    stage = _stage(tiny_clip, head_bank, prompts=prompt_file)
+    stage.clip = stub  # the text vectors came from the real tower; the images now come out NaN
+    batch = _batch(2, statuses=("ok", "ok"))
+    batch[schema.PIXELS][:, 0, 0, :] = 255
+    out = stage(batch)
+    assert list(out[schema.STATUS]) == [Status.SCORE_ERROR.value] * 2
+    assert "prompt aesthetic=nan" in out[schema.ERROR][0]
+    assert np.isnan(out["score_prompt_aesthetic"]).all()

@@ -1,0 +1,329 @@
+"""One self-contained HTML page about a scored output prefix (``aesthetics report OUTPUT --out report.html``).
+
+What it shows, and where each part comes from:
+
+- the cutoff table beside LAION-Aesthetics' published counts, and rows by status: from the manifests only
+  (:func:`pipeline.cutoffs.build_tables`), never a rescan;
+- the score histogram (the manifests' fixed 0.25-wide bins, summed) with LAION's thresholds marked, as an
+  inline PNG;
+- per score band, highest first: the best, median and worst images with their caption, key and score. The
+  rows come from DuckDB over the committed files; each image is read from its shard with ONE ranged read
+  (``tar_offset``/``tar_size``), shrunk to a JPEG thumbnail and inlined as a data: URI.
+
+The page loads nothing: every image is a data: URI, the CSS is inline, and a Content-Security-Policy that
+allows only data: images says so to the browser. Every thumbnail is a ``<figure class="thumb">`` with
+``data-key``, ``data-shard``, ``data-score``, ``data-band`` and ``data-position`` (best/median/worst), in page
+order from the best image of the highest band down, so tools (and tests) can match it to the Parquet.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pipeline import schema as S
+from pipeline.analysis.reading import duckdb_relation, fetch_images, thumbnail
+from pipeline.cutoffs import CutoffTable, build_tables
+from pipeline.io.manifests import read_manifests
+from pipeline.io.storage import filesystem, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+POSITIONS = ("best", "median", "worst")
+_THUMB_COLUMNS = (S.KEY, S.SHARD, S.OFFSET, S.SIZE, S.CAPTION, S.URL, S.AESTHETIC_SCORE, S.SCORE_BAND)
+
+
+@dataclass(frozen=True)
+class Thumb:
+    key: str
+    shard: str
+    band: str
+    position: str
+    score: float
+    caption: str
+    url: str
+    jpeg: bytes | None  # None: the ranged read or the decode failed (error says why)
+    error: str | None = None
+
+
+@dataclass
+class ReportInfo:
+    output: str
+    html_path: str | None
+    bands: dict[str, int]  # scored rows per band
+    thumbs: list[Thumb] = field(default_factory=list)
+    tables: list[CutoffTable] = field(default_factory=list)
+    seconds: float = 0.0
+    html_bytes: int = 0
+
+
+# Data ---------------------------------------------------------------------------------------------
+
+
+def merged_histogram(manifests: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(bin edges, counts, underflow, overflow) summed over the manifests' fixed score histograms."""
+    edges = np.linspace(S.HIST_LOW, S.HIST_HIGH, S.HIST_BINS + 1)
+    counts = np.zeros(S.HIST_BINS, dtype=np.int64)
+    under = over = 0
+    for manifest in manifests:
+        hist = manifest["score"]["histogram"]
+        counts += np.asarray(hist["counts"], dtype=np.int64)
+        under += int(hist["underflow"])
+        over += int(hist["overflow"])
+    return edges, counts, under, over
+
+
+def histogram_png(manifests: Sequence[Mapping[str, Any]], title: str = "", width_in: float = 9.0,
+                  height_in: float = 3.2, dpi: int = 110) -> bytes:
+    """The score histogram with LAION's thresholds as dashed lines, as PNG bytes (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    edges, counts, under, over = merged_histogram(manifests)
+    figure, axes = plt.subplots(figsize=(width_in, height_in), dpi=dpi)
+    try:
+        axes.bar(edges[:-1], counts, width=S.HIST_STEP, align="edge", color="#4c78a8", edgecolor="white")
+        nonzero = np.flatnonzero(counts)
+        low = min(edges[nonzero[0]] if nonzero.size else 4.0, min(S.LAION_THRESHOLDS)) - 0.5
+        high = max(edges[nonzero[-1] + 1] if nonzero.size else 7.0, max(S.LAION_THRESHOLDS)) + 0.5
+        axes.set_xlim(max(S.HIST_LOW, low), min(S.HIST_HIGH, high))
+        top = max(int(counts.max()) if counts.size else 1, 1)
+        for i, threshold in enumerate(S.LAION_THRESHOLDS):
+            axes.axvline(threshold, color="#e45756", linestyle="--", linewidth=1)
+            axes.text(threshold, top * (1.02 + 0.07 * (i % 2)), f"{threshold:g}", color="#e45756",
+                      ha="center", va="bottom", fontsize=8)
+        axes.set_ylim(0, top * 1.22)
+        axes.set_xlabel("aesthetic score (0.25-wide bins); dashed: LAION-Aesthetics cutoffs")
+        axes.set_ylabel("images")
+        note = f"  (outside [{S.HIST_LOW:g}, {S.HIST_HIGH:g}): {under} below, {over} above)" if under or over else ""
+        axes.set_title((title or "Score histogram") + note, fontsize=10)
+        axes.spines[["top", "right"]].set_visible(False)
+        figure.tight_layout()
+        sink = io.BytesIO()
+        figure.savefig(sink, format="png")
+        return sink.getvalue()
+    finally:
+        plt.close(figure)
+
+
+def pick_thumbnail_rows(con: Any, view: str, per_position: int) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """(scored rows per band, rows to show): per band the ``per_position`` best, median and worst ok rows.
+
+    A band with at most 3 x ``per_position`` rows shows all of them (as best, then median, then worst
+    thirds), so no image appears twice.
+    """
+    bands = dict(con.execute(
+        f"SELECT {S.SCORE_BAND}, count(*) FROM {view} WHERE {S.STATUS} = 'ok' AND isfinite({S.AESTHETIC_SCORE}) "
+        f"GROUP BY ALL").fetchall())
+    order = [b for b in reversed(S.BAND_LABELS) if bands.get(b)]
+    columns = ", ".join(_THUMB_COLUMNS)
+    where = f"{S.STATUS} = 'ok' AND isfinite({S.AESTHETIC_SCORE}) AND {S.SCORE_BAND} = ?"
+    tie = f"{S.KEY}, {S.SHARD}"
+    chosen: list[dict[str, Any]] = []
+    for band in order:
+        def rows(sql: str, params: list[Any]) -> list[dict[str, Any]]:
+            cursor = con.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, r)) for r in cursor.fetchall()]
+
+        if bands[band] <= 3 * per_position:
+            every = rows(f"SELECT {columns} FROM {view} WHERE {where} ORDER BY {S.AESTHETIC_SCORE} DESC, {tie}", [band])
+            thirds = np.array_split(np.arange(len(every)), 3)
+            for position, index in zip(POSITIONS, thirds):
+                chosen += [{**every[i], "position": position} for i in index]
+            continue
+        best = rows(f"SELECT {columns} FROM {view} WHERE {where} ORDER BY {S.AESTHETIC_SCORE} DESC, {tie} LIMIT ?",
+                    [band, per_position])
+        worst = rows(f"SELECT {columns} FROM {view} WHERE {where} ORDER BY {S.AESTHETIC_SCORE} ASC, {tie} LIMIT ?",
+                     [band, per_position])
+        taken = {(r[S.SHARD], r[S.KEY]) for r in best + worst}
+        near = rows(
+            f"WITH m AS (SELECT median({S.AESTHETIC_SCORE}) AS med FROM {view} WHERE {where}) "
+            f"SELECT {columns} FROM {view}, m WHERE {where} "
+            f"ORDER BY abs({S.AESTHETIC_SCORE} - m.med), {tie} LIMIT ?", [band, band, 3 * per_position])
+        median = [r for r in near if (r[S.SHARD], r[S.KEY]) not in taken][:per_position]
+        median.sort(key=lambda r: (-r[S.AESTHETIC_SCORE], r[S.KEY]))
+        worst.sort(key=lambda r: (-r[S.AESTHETIC_SCORE], r[S.KEY]))
+        for position, group in zip(POSITIONS, (best, median, worst)):
+            chosen += [{**r, "position": position} for r in group]
+    return {b: int(bands[b]) for b in order}, chosen
+
+
+def load_thumbs(rows: Sequence[Mapping[str, Any]], storage_options: Mapping[str, Any] | None = None,
+                size: int = 192) -> list[Thumb]:
+    """Fetch each row's image with one ranged read of its shard and shrink it to a JPEG thumbnail."""
+    thumbs = []
+    try:
+        images: list[bytes | Exception] = list(fetch_images(rows, storage_options))
+    except Exception:  # noqa: BLE001 - fall back to one at a time so one bad shard spoils one thumbnail
+        images = []
+        for row in rows:
+            try:
+                images += fetch_images([row], storage_options)
+            except Exception as error:  # noqa: BLE001
+                images.append(error)
+    for row, data in zip(rows, images):
+        jpeg, error = None, None
+        if isinstance(data, Exception):
+            error = f"{type(data).__name__}: {data}"
+        else:
+            try:
+                jpeg = thumbnail(data, size)
+            except Exception as exc:  # noqa: BLE001 - a bad image becomes a visible placeholder
+                error = f"{type(exc).__name__}: {exc}"
+        thumbs.append(Thumb(key=str(row[S.KEY]), shard=str(row[S.SHARD]), band=str(row[S.SCORE_BAND]),
+                            position=str(row["position"]), score=float(row[S.AESTHETIC_SCORE]),
+                            caption=str(row.get(S.CAPTION) or ""), url=str(row.get(S.URL) or ""),
+                            jpeg=jpeg, error=error))
+    return thumbs
+
+
+# HTML -----------------------------------------------------------------------------------------------
+
+_CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1180px;
+       color: #222; padding: 0 16px; }
+h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 18px; margin-top: 28px; border-bottom: 1px solid #ddd; }
+h3 { font-size: 15px; margin: 18px 0 6px; } .meta { color: #666; font-size: 12px; }
+.warning { background: #fff3cd; border: 1px solid #e0b400; padding: 8px 12px; font-weight: 600; }
+table { border-collapse: collapse; margin: 8px 0; } th, td { border: 1px solid #ddd; padding: 4px 10px; }
+th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.hist { max-width: 100%; height: auto; }
+.row { display: flex; flex-wrap: wrap; gap: 10px; align-items: flex-start; }
+.position { width: 64px; font-weight: 600; color: #555; padding-top: 8px; text-transform: uppercase; font-size: 11px; }
+figure.thumb { margin: 0; width: 200px; background: #fafafa; border: 1px solid #e5e5e5; border-radius: 4px; }
+figure.thumb img { display: block; width: 200px; height: 150px; object-fit: contain; background: #eee; }
+figure.thumb figcaption { padding: 4px 6px; font-size: 12px; }
+.score { font-weight: 700; font-variant-numeric: tabular-nums; } .key { color: #888; font-size: 11px; }
+.missing { width: 200px; height: 150px; display: flex; align-items: center; justify-content: center;
+           color: #a00; font-size: 11px; text-align: center; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _cutoff_html(table: CutoffTable) -> str:
+    rows = "".join(
+        f"<tr><td class=num>{r.threshold:g}</td><td class=num>{r.count:,}</td>"
+        f"<td class=num>{'n/a' if r.fraction is None else f'{r.fraction:.4%}'}</td>"
+        f"<td class=num>{r.laion_count:,}</td><td class=num>{r.laion_fraction:.4%}</td></tr>"
+        for r in table.rows_by_threshold)
+    return (f"<p>Model <code>{_e(table.model_key)}</code>: {table.units} units, {table.rows:,} rows, "
+            f"{table.scored:,} scored. Our fractions are of scored rows; LAION's of all LAION-2B-en samples.</p>"
+            f"<table class=cutoffs><tr><th>score &ge;</th><th>our count</th><th>our fraction</th>"
+            f"<th>LAION count</th><th>LAION fraction</th></tr>{rows}</table>")
+
+
+def _status_html(tables: Sequence[CutoffTable]) -> str:
+    counts: dict[str, int] = {}
+    for table in tables:
+        for status, count in table.counts_by_status.items():
+            counts[status] = counts.get(status, 0) + count
+    total = sum(counts.values()) or 1
+    rows = "".join(f"<tr><td>{_e(s)}</td><td class=num>{c:,}</td><td class=num>{c / total:.2%}</td></tr>"
+                   for s, c in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    return f"<table class=status><tr><th>status</th><th>rows</th><th>share</th></tr>{rows}</table>"
+
+
+def _figure(thumb: Thumb) -> str:
+    attributes = (f'data-key="{_e(thumb.key)}" data-shard="{_e(thumb.shard)}" data-score="{thumb.score:.6f}" '
+                  f'data-band="{_e(thumb.band)}" data-position="{_e(thumb.position)}"')
+    caption = thumb.caption if len(thumb.caption) <= 140 else thumb.caption[:137] + "..."
+    if thumb.jpeg is not None:
+        image = (f'<img alt="{_e(caption)}" title="{_e(thumb.url)}" '
+                 f'src="data:image/jpeg;base64,{base64.b64encode(thumb.jpeg).decode()}">')
+    else:
+        image = f'<div class=missing>image unavailable<br>{_e(thumb.error)}</div>'
+    return (f"<figure class=thumb {attributes}>{image}<figcaption><span class=score>{thumb.score:.3f}</span> "
+            f"<span class=key>{_e(thumb.key)}</span><br>{_e(caption)}</figcaption></figure>")
+
+
+def render_html(output: str, tables: Sequence[CutoffTable], histogram: bytes, bands: Mapping[str, int],
+                thumbs: Sequence[Thumb], title: str | None = None) -> str:
+    title = title or f"Aesthetic scores: {output}"
+    warning = ""
+    if any(t.tiny_random for t in tables):
+        warning = ("<p class=warning>Scored with the tiny random-weight model: these scores mean nothing "
+                   "(the page shows the format, not aesthetics).</p>")
+    sections = []
+    for band, count in bands.items():
+        groups = []
+        for position in POSITIONS:
+            members = [t for t in thumbs if t.band == band and t.position == position]
+            if members:
+                groups.append(f"<div class=row data-position=\"{position}\"><div class=position>{position}</div>"
+                              + "".join(_figure(t) for t in members) + "</div>")
+        sections.append(f"<section class=band data-band=\"{_e(band)}\"><h3>Band {_e(band)} "
+                        f"<span class=meta>({count:,} scored images)</span></h3>{''.join(groups)}</section>")
+    generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>{_e(title)}</h1>
+<p class=meta>Output <code>{_e(output)}</code> &middot; committed units only &middot; generated {generated}</p>
+{warning}
+<h2>Cutoff table</h2>
+{''.join(_cutoff_html(t) for t in tables) or '<p>No committed units.</p>'}
+<h2>Score histogram</h2>
+<img class=hist id=histogram alt="score histogram with the LAION thresholds marked"
+ src="data:image/png;base64,{base64.b64encode(histogram).decode()}">
+<h2>Rows by status</h2>
+{_status_html(tables)}
+<h2>Images by score band</h2>
+<p class=meta>Per band, highest first: the best, median and worst images; each read from its shard with one
+ranged read at its recorded tar offset and size.</p>
+{''.join(sections) or '<p>No scored images.</p>'}
+</body></html>
+"""
+
+
+def build_report(output: str, storage_options: Mapping[str, Any] | None = None, per_position: int = 3,
+                 thumb_size: int = 192, title: str | None = None) -> tuple[str, ReportInfo]:
+    """(HTML text, what went into it) for the committed units under ``output``."""
+    started = time.time()
+    manifests = read_manifests(output, storage_options)
+    tables = build_tables(manifests.values())
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        duckdb_relation(output, con=con, view_name="scores", storage_options=storage_options)
+        bands, rows = pick_thumbnail_rows(con, "scores", per_position) if manifests else ({}, [])
+    finally:
+        con.close()
+    thumbs = load_thumbs(rows, storage_options, thumb_size)
+    histogram = histogram_png(list(manifests.values()))
+    text = render_html(output, tables, histogram, bands, thumbs, title)
+    info = ReportInfo(output=output, html_path=None, bands=bands, thumbs=thumbs, tables=list(tables),
+                      seconds=round(time.time() - started, 3), html_bytes=len(text.encode()))
+    return text, info
+
+
+def write_report(output: str, out: str, storage_options: Mapping[str, Any] | None = None,
+                 out_storage_options: Mapping[str, Any] | None = None, per_position: int = 3,
+                 thumb_size: int = 192, title: str | None = None) -> ReportInfo:
+    """Build the report of ``output`` and write it to ``out`` (a path or URI of the .html file)."""
+    text, info = build_report(output, storage_options, per_position, thumb_size, title)
+    fs, path = filesystem(out, out_storage_options if out_storage_options is not None else storage_options)
+    write_bytes_atomic(fs, path, text.encode())
+    info.html_path = out
+    return info
+
+
+__all__ = ["POSITIONS", "ReportInfo", "Thumb", "build_report", "histogram_png", "load_thumbs", "merged_histogram",
+           "pick_thumbnail_rows", "render_html", "write_report"]
