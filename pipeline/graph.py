@@ -18,6 +18,7 @@ from pipeline.config import ScoreConfig
 from pipeline.io.shards import WorkUnit
 from pipeline.io.writer import WriteStaging
 from pipeline.models.clip import image_geometry
+from pipeline.models.prompts import load_prompt_sets
 from pipeline.stages.decode import Decode
 from pipeline.stages.embed import EmbedScore
 from pipeline.stages.read import ReadShard
@@ -76,7 +77,8 @@ def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
         fn_constructor_kwargs={
             "model": config.model, "heads": config.heads, "write_embeddings": config.write_embeddings,
             "search_dirs": config.weights_dirs, "storage_options": storage, "loader": embed_loader,
-            "prompts": config.prompts,
+            # Parsed here, so a bad prompt file fails before Ray starts and nodes need no copy of it.
+            "prompts": load_prompt_sets(config.prompts, storage) if config.prompts else None,
         },
         batch_size=resources.embed_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
