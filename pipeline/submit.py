@@ -67,8 +67,8 @@ AWS_ALLOWED = frozenset({"AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
                          "AWS_RETRY_MODE"})
 # A word of a variable's name that marks its value as a secret (HF_TOKEN, DB_PASSWORD, API_KEY...;
 # not TOKENIZERS_PARALLELISM or DBUS_SESSION_BUS_ADDRESS).
-_SECRET_WORD = re.compile(r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|PASS|CREDENTIALS?|PRIVATE|KEY|APIKEY|ACCESSKEY|SAS)($|_)",
-                          re.I)
+_SECRET_WORD = re.compile(
+    r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|PASS|CREDENTIALS?|PRIVATE|KEY|APIKEY|ACCESSKEY|SAS)($|_)", re.I)
 _SECRET_OPTION = re.compile(r"^(key|secret|token|password|aws_access_key_id|aws_secret_access_key|"
                             r"aws_session_token|access_key|secret_key|session_token|account_key|sas_token)$", re.I)
 _ACCESS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b")
@@ -411,11 +411,13 @@ def wait(job_client, job: str, *, poll_s: float = 2.0, timeout_s: float | None =
         time.sleep(poll_s)
 
 
-def follow(job_client, job: str, out: TextIO = sys.stdout, *, poll_s: float = 2.0) -> Any:
+def follow(job_client, job: str, out: TextIO | None = None, *, poll_s: float = 2.0) -> Any:
     """Stream the job's logs (tail_job_logs) until it ends; returns its terminal JobStatus.
 
     If the log stream drops (head restart, proxy timeout) the job goes on; we say so and poll.
     """
+    out = out or sys.stdout
+
     async def tail() -> None:
         async for lines in job_client.tail_job_logs(job):
             out.write(lines)
