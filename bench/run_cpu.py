@@ -1,22 +1,29 @@
 """`make bench`: the CPU figures of the scoring job, all on the same img2dataset-made shards.
 
-    .venv/bin/python -m bench.run_cpu [--shards 8] [--per-shard 20] [--scale 10] [--batch-size 64]
+    .venv/bin/python -m bench.run_cpu [--shards 8] [--per-shard 100] [--scale 10] [--batch-size 64]
 
-Measured, with the tiny random-weight model (tiny-random, fp32) and one batch size throughout:
+Measured with the tiny random-weight model (tiny-random, fp32) and one batch size throughout:
 
-1. decode images/s: the Decode stage alone over the shards' image bytes, in this one process;
-2. model-only images/s: EmbedScore on the pixels step 1 decoded (same loader and model as the job), at the
-   process's torch threads and at 1 thread (what a Ray actor with num_cpus=1 gets: OMP_NUM_THREADS=1);
+1. decode images/s: the Decode stage alone over the shards' image bytes, one process, one thread;
+2. model-only images/s: EmbedScore on the pixels step 1 decoded (same loader and model as the job), at
+   torch's default threads and at 1 thread (what a Ray actor with num_cpus=1 gets: OMP_NUM_THREADS=1);
 3. end-to-end images/s through Ray: run_score (read -> decode -> embed -> stage -> Parquet committed) on
-   ``--shards`` shards, Ray started and warmed on a separate 1-shard input first, so start-up, imports and
-   the first actor are not timed (the run's own actor start and model load are);
-4. end-to-end images/s of a plain single-process loop doing the same work with the same code
-   (bench.plain_loop), and the ratio Ray / plain;
-5. the job's peak memory (RSS of the driver + every Ray worker process, sampled every 0.2 s) at 1x and
-   at ``--scale`` x the input (the same shards copied under new numbers), and the ratio of the two.
+   ``--shards`` shards. Ray is started and warmed on a separate 1-shard input first, so Ray's start-up and
+   the workers' imports are not timed. Ray Data still starts a fresh embed actor (new process: imports
+   torch + open_clip, loads the model) inside every run_score: that is part of each timed run;
+4. end-to-end of a plain single-process loop doing the same work with the same code (bench.plain_loop),
+   warmed the same way, at torch's default threads and at 1 thread; the Ray / plain throughput ratio is
+   taken against the faster of the two;
+5. the job's peak memory: RSS of the driver + every Ray worker process (``ray::*``, Ray's per-node agents
+   excepted), sampled every 0.2 s with psutil, at 1x and at ``--scale`` x the input (the same shards
+   copied under new numbers), and the ratio of the two.
+6. from the 1x and 10x runs, each side's marginal (steady-state) rate and so Ray's fixed cost per run.
 
-Shards are built once under bench-output/cpu/ (gitignored) and reused. Runs take ~3-4 min here after
-the first build (~1 min). Goals are checked and printed as met or MISSED.
+Each side runs in its own spawned process, so the Ray driver holds only what `aesthetics score` would
+(not the plain loop's model or open_clip): the job's driver is measured, not the benchmark's. Plain and
+Ray runs alternate, so a machine shared with other work slows both alike; the load average at each run
+is printed. Shards are built once under bench-output/cpu/ (gitignored, ~30 s) and reused; a run takes
+~3-4 min on 2 cores. Goals are checked and printed as met or MISSED. BENCHMARKS.md has the figures.
 """
 
 from __future__ import annotations
@@ -24,14 +31,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import shutil
-import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+import traceback
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,6 +50,7 @@ OUT = ROOT / "bench-output" / "cpu"
 SHARED_HEADS = ROOT.parent / "shared" / "reference" / "laion-aesthetics" / "heads"
 BROKEN_URLS = 3  # build_sample_dataset's default failures: 3 URLs that 404 + 1 text body
 NON_IMAGE = 1
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # per-node daemons, named like workers
 
 GOAL_RATIO = 0.7  # Ray / plain throughput at 1x
 ISSUE5_RATIO = 0.85
@@ -53,16 +62,17 @@ GOAL_MEMORY_RATIO = 1.25  # peak memory at 10x input / at 1x
 def sample_shards(n_shards: int, per_shard: int, image_size: int) -> tuple[Path, int]:
     """``n_shards`` img2dataset shards of ``per_shard`` samples (4 of them failed URLs), built once.
     Returns (shards folder, images with bytes in the tars)."""
-    from pipeline.sample_data import build_sample_dataset
-
     folder = OUT / f"data-{n_shards}x{per_shard}-{image_size}px"
     marker = folder / "BUILT.json"
-    n_images = n_shards * per_shard - BROKEN_URLS - NON_IMAGE
     if marker.exists() and len(list((folder / "shards").glob("*.tar"))) == n_shards:
         return folder / "shards", json.loads(marker.read_text())["images"]
+    from pipeline.sample_data import build_sample_dataset
+
     shutil.rmtree(folder, ignore_errors=True)
     print(f"building {n_shards} shards x {per_shard} samples with img2dataset under {folder} ...", flush=True)
-    dataset = build_sample_dataset(folder, n_images=n_images, images_per_shard=per_shard, image_size=image_size)
+    n_images = n_shards * per_shard - BROKEN_URLS - NON_IMAGE
+    dataset = build_sample_dataset(folder, n_images=n_images, images_per_shard=per_shard, image_size=image_size,
+                                   broken_urls=BROKEN_URLS, non_image=bool(NON_IMAGE))
     if len(dataset.tar_paths) != n_shards:
         raise RuntimeError(f"img2dataset wrote {len(dataset.tar_paths)} shards, expected {n_shards}")
     shutil.rmtree(folder / "photos", ignore_errors=True)  # the source photos are not needed again
@@ -74,7 +84,7 @@ def sample_shards(n_shards: int, per_shard: int, image_size: int) -> tuple[Path,
 def copied_shards(source: Path, name: str, copies: int, first: int | None = None) -> Path:
     """The shards of ``source`` (or its first ``first``) copied ``copies`` times under new numbers."""
     tars = sorted(source.glob("*.tar"))[:first]
-    folder = OUT / name / "shards"
+    folder = OUT / f"{source.parent.name}-{name}" / "shards"
     expected = [f"{c * len(tars) + i:05d}" for c in range(copies) for i in range(len(tars))]
     if sorted(p.stem for p in folder.glob("*.tar")) == expected:
         return folder
@@ -94,6 +104,7 @@ def fresh_output(name: str) -> str:
 
 
 def make_config(inputs: str, output: str, batch_size: int, **resources: Any):
+    """The integration tests' set-up: tiny-random fp32, the real LAION V2 head when ../shared has it."""
     from pipeline.config import DEFAULT_HEAD, KNOWN_HEADS, DecodeConfig, HeadSpec, ModelConfig, \
         ResourcesConfig, ScoreConfig, WeightsSpec
 
@@ -114,31 +125,38 @@ def make_config(inputs: str, output: str, batch_size: int, **resources: Any):
 # Memory ----------------------------------------------------------------------------------------
 
 class MemorySampler:
-    """Every ``interval`` s: RSS (and PSS) of this process + every Ray worker process (``ray::*``), and of
-    Ray's own daemons (raylet, GCS, agents) on the side. Workers are the driver's descendants, since
-    ray.init() started the local cluster from here."""
+    """Every ``interval`` s: RSS (and PSS) of this process + every Ray worker process (``ray::*`` but Ray's
+    per-node agents); the agents, raylet and GCS are summed on the side. Ray's processes are this
+    process's descendants, since ray.init() started the local cluster from here."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.2, driver_only: bool = False):
         import psutil
 
         self.psutil = psutil
         self.interval = interval
+        self.driver_only = driver_only
         self.driver = psutil.Process()
-        self.peak_rss = self.peak_pss = self.peak_daemons_rss = 0
-        self.peak_workers = 0
-        self.samples = 0
+        self.peak_rss = self.peak_pss = self.peak_daemons_rss = self.peak_workers = 0
+        self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds so far)
+        self._cpu_start: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def sample(self) -> tuple[int, int, int, int]:
+    def _sample(self) -> tuple[int, int, int, int]:
         rss = pss = daemons = workers = 0
-        for proc in [self.driver] + self.driver.children(recursive=True):
+        procs = [self.driver] if self.driver_only else [self.driver] + self.driver.children(recursive=True)
+        for proc in procs:
             try:
-                is_worker = proc is self.driver or proc.cmdline()[:1] and proc.cmdline()[0].startswith("ray::")
+                title = proc.cmdline()[:1] if proc is not self.driver else ["driver"]
                 info = proc.memory_full_info()
-            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess, IndexError):
+                cpu = proc.cpu_times()
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
                 continue
-            if is_worker:
+            is_job = proc is self.driver or (
+                bool(title) and title[0].startswith("ray::") and not title[0].startswith(RAY_AGENTS))
+            kind = "driver" if proc is self.driver else ("workers" if is_job else "daemons")
+            self._cpu[proc.pid] = (kind, cpu.user + cpu.system)
+            if is_job:
                 rss += info.rss
                 pss += getattr(info, "pss", info.rss)
                 workers += proc is not self.driver
@@ -147,25 +165,40 @@ class MemorySampler:
         return rss, pss, daemons, workers
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            rss, pss, daemons, workers = self.sample()
+        while True:
+            rss, pss, daemons, workers = self._sample()
             self.peak_rss = max(self.peak_rss, rss)
             self.peak_pss = max(self.peak_pss, pss)
             self.peak_daemons_rss = max(self.peak_daemons_rss, daemons)
             self.peak_workers = max(self.peak_workers, workers)
-            self.samples += 1
-            self._stop.wait(self.interval)
+            if self._stop.wait(self.interval):
+                return
 
     def __enter__(self) -> "MemorySampler":
+        self._sample()
+        self._cpu_start = {pid: seconds for pid, (_, seconds) in self._cpu.items()}
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) each kind of process spent during the run, as last sampled (a worker
+        that ended between two samples loses at most its last 0.2 s)."""
+        spent = {"driver": 0.0, "workers": 0.0, "daemons": 0.0}
+        for pid, (kind, seconds) in self._cpu.items():
+            spent[kind] += seconds - self._cpu_start.get(pid, 0.0)
+        return {kind: round(value, 1) for kind, value in spent.items()}
+
+    def result(self) -> dict[str, Any]:
+        return {"peak_rss": self.peak_rss, "peak_pss": self.peak_pss, "daemons_rss": self.peak_daemons_rss,
+                "workers": self.peak_workers, "cpu_s": self.cpu_seconds()}
 
 
-# Stage benchmarks ------------------------------------------------------------------------------
+# Stage benchmarks (plain side) -----------------------------------------------------------------
 
 def read_batches(shards_dir: Path, batch_size: int) -> list[dict[str, np.ndarray]]:
     """Every shard read and joined as the read stage does, cut into numpy batches of ``batch_size`` rows."""
@@ -182,143 +215,168 @@ def read_batches(shards_dir: Path, batch_size: int) -> list[dict[str, np.ndarray
     return [numpy_batch(table.slice(s, batch_size)) for s in range(0, table.num_rows, batch_size)]
 
 
-def best_pass(run: Callable[[], Any], min_seconds: float = 2.0, max_passes: int = 10) -> tuple[float, list[float]]:
-    """Wall seconds of the fastest pass (one warm-up pass first), and all of them."""
+def best_pass(run: Callable[[], Any], min_seconds: float = 2.0, max_passes: int = 10) -> float:
+    """Wall seconds of the fastest pass, after one warm-up pass."""
     run()
     times: list[float] = []
     while len(times) < max_passes and (sum(times) < min_seconds or len(times) < 3):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return min(times), times
+    return min(times)
 
 
-def bench_decode(config, batches: list[dict[str, np.ndarray]]) -> tuple[float, list[dict[str, np.ndarray]], int]:
+def stage_benchmarks(shards: str, batch_size: int) -> dict[str, Any]:
+    """Decode alone, then EmbedScore alone on what decode produced."""
+    import torch
+
     from pipeline import schema as S
     from pipeline.models.clip import image_geometry
     from pipeline.stages.decode import Decode
+    from pipeline.stages.embed import EmbedScore
 
+    config = make_config(shards, fresh_output("unused"), batch_size)
+    batches = read_batches(Path(shards), batch_size)
     size, interpolation = image_geometry(config.model)
     decode = Decode(config.decode, image_size=size, interpolation=interpolation)
     decoded: list[dict[str, np.ndarray]] = []
 
-    def run() -> None:
+    def run_decode() -> None:
         decoded[:] = [decode(batch) for batch in batches]
 
-    best, _ = best_pass(run)
+    decode_s = best_pass(run_decode)
     images = sum(int((b[S.STATUS] == S.Status.OK.value).sum()) for b in decoded)
-    return images / best, decoded, images
-
-
-def bench_model_only(config, decoded: list[dict[str, np.ndarray]], batch_size: int,
-                     threads: int) -> float:
-    """EmbedScore on pre-decoded pixels: full batches of ``batch_size`` decoded images."""
-    import torch
-
-    from pipeline import schema as S
-    from pipeline.stages.embed import EmbedScore
 
     pixels = np.concatenate([b[S.PIXELS][b[S.STATUS] == S.Status.OK.value] for b in decoded])
-    n_batches = max(1, len(pixels) // batch_size)
     if len(pixels) < batch_size:
         pixels = np.resize(pixels, (batch_size,) + pixels.shape[1:])
-    batches = [{S.PIXELS: pixels[i * batch_size:(i + 1) * batch_size],
-                S.STATUS: np.full(batch_size, S.Status.OK.value, dtype=object),
-                S.ERROR: np.full(batch_size, None, dtype=object)} for i in range(n_batches)]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        stage = EmbedScore(config.model, config.heads, search_dirs=config.weights_dirs)
-        best, _ = best_pass(lambda: [stage(b) for b in batches])
-    finally:
-        torch.set_num_threads(before)
-    return n_batches * batch_size / best
+    n_batches = len(pixels) // batch_size
+    model_batches = [{S.PIXELS: pixels[i * batch_size:(i + 1) * batch_size],
+                      S.STATUS: np.full(batch_size, S.Status.OK.value, dtype=object),
+                      S.ERROR: np.full(batch_size, None, dtype=object)} for i in range(n_batches)]
+    default_threads = torch.get_num_threads()
+    stage = EmbedScore(config.model, config.heads, search_dirs=config.weights_dirs)
+    model_rates = {}
+    for threads in sorted({default_threads, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        model_rates[threads] = n_batches * batch_size / best_pass(lambda: [stage(b) for b in model_batches])
+    torch.set_num_threads(default_threads)
+    return {"decode_rate": images / decode_s, "images": images, "model_rates": model_rates,
+            "default_threads": default_threads}
 
 
-# End to end ------------------------------------------------------------------------------------
+# Runs (each in its own child process) ----------------------------------------------------------
 
-@dataclass
-class E2E:
-    label: str
-    images: int
-    times: list[float] = field(default_factory=list)
-    peak_rss: int = 0
-    peak_pss: int = 0
-    peak_daemons_rss: int = 0
-    peak_workers: int = 0
-    rows: int = 0
-    stage_s: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def best_s(self) -> float:
-        return min(self.times)
-
-    @property
-    def rate(self) -> float:
-        return self.images / self.best_s
-
-
-def ray_start() -> None:
+def ray_start() -> dict[str, Any]:
     import ray
 
+    started = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              configure_logging=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    return {"seconds": time.perf_counter() - started}
 
 
-def ray_run(label: str, shards: Path, images: int, batch_size: int, repeats: int, resources: dict,
-            memory: bool = True) -> E2E:
+def ray_run(shards: str, images: int, batch_size: int, output: str, resources: dict) -> dict[str, Any]:
     from pipeline.runner import run_score
 
-    result = E2E(label, images)
-    for attempt in range(repeats):
-        config = make_config(str(shards), fresh_output(f"ray-{label}-{attempt}"), batch_size, **resources)
-        sampler = MemorySampler() if memory else None
+    config = make_config(shards, fresh_output(output), batch_size, **resources)
+    load = os.getloadavg()[0]
+    with MemorySampler() as sampler:
         start = time.perf_counter()
-        if sampler:
-            with sampler:
-                summary = run_score(config)
-        else:
-            summary = run_score(config)
-        result.times.append(time.perf_counter() - start)
-        if not summary.ok or summary.scored != images:
-            raise RuntimeError(f"Ray run {label}: scored {summary.scored} of {images}; failed {summary.units_failed}")
-        result.rows = summary.rows
-        if sampler:
-            result.peak_rss = max(result.peak_rss, sampler.peak_rss)
-            result.peak_pss = max(result.peak_pss, sampler.peak_pss)
-            result.peak_daemons_rss = max(result.peak_daemons_rss, sampler.peak_daemons_rss)
-            result.peak_workers = max(result.peak_workers, sampler.peak_workers)
-    return result
+        summary = run_score(config)
+        seconds = time.perf_counter() - start
+    if not summary.ok or (images and summary.scored != images):
+        raise RuntimeError(f"Ray run on {shards}: scored {summary.scored} of {images}; failed {summary.units_failed}")
+    return {"seconds": seconds, "rows": summary.rows, "load": load, **sampler.result()}
 
 
-def plain_run(label: str, shards: Path, images: int, batch_size: int, repeats: int) -> E2E:
+def plain_run(shards: str, images: int, batch_size: int, output: str, threads: int | None) -> dict[str, Any]:
+    import torch
+
     from bench.plain_loop import run_plain
 
-    result = E2E(label, images)
-    for attempt in range(repeats):
-        config = make_config(str(shards), fresh_output(f"plain-{label}-{attempt}"), batch_size)
-        sampler = MemorySampler()
-        with sampler:
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads or default)
+    config = make_config(shards, fresh_output(output), batch_size)
+    load = os.getloadavg()[0]
+    try:
+        with MemorySampler(driver_only=True) as sampler:
             start = time.perf_counter()
             summary = run_plain(config)
-            result.times.append(time.perf_counter() - start)
-        if summary.scored != images:
-            raise RuntimeError(f"plain run {label}: scored {summary.scored} of {images}")
-        result.rows = summary.rows
-        result.stage_s = {k: round(v, 3) for k, v in summary.stage_s.items()}
-        result.peak_rss = sampler.peak_rss
-    return result
+            seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(default)
+    if images and summary.scored != images:
+        raise RuntimeError(f"plain run on {shards}: scored {summary.scored} of {images}")
+    return {"seconds": seconds, "rows": summary.rows, "load": load, "threads": threads or default,
+            "stage_s": {k: round(v, 2) for k, v in summary.stage_s.items()}, **sampler.result()}
+
+
+def ray_task_threads() -> dict[str, Any]:
+    """What a Ray task with num_cpus=1 sees: OMP_NUM_THREADS and torch's threads."""
+    import ray
+
+    def probe():
+        import torch
+
+        return os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+
+    omp, threads = ray.get(ray.remote(num_cpus=1)(probe).remote())
+    return {"omp": omp, "torch_threads": threads}
+
+
+_HANDLERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "ray_start": ray_start, "ray_run": ray_run, "plain_run": plain_run, "stages": stage_benchmarks,
+    "ray_task_threads": ray_task_threads,
+}
+
+
+def _serve(conn) -> None:
+    """A child's loop: (handler, kwargs) in, its result (or the traceback) out, until None."""
+    while True:
+        message = conn.recv()
+        if message is None:
+            break
+        name, kwargs = message
+        try:
+            conn.send({"ok": _HANDLERS[name](**kwargs)})
+        except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+            conn.send({"error": traceback.format_exc()})
+    conn.close()
+
+
+class Child:
+    """A spawned process running :func:`_serve`: one side of the comparison."""
+
+    def __init__(self, name: str):
+        context = multiprocessing.get_context("spawn")
+        self.name = name
+        self.conn, theirs = context.Pipe()
+        self.process = context.Process(target=_serve, args=(theirs,), name=f"bench-{name}")
+        self.process.start()
+
+    def __call__(self, handler: str, **kwargs: Any) -> dict[str, Any]:
+        self.conn.send((handler, kwargs))
+        reply = self.conn.recv()
+        if "error" in reply:
+            raise RuntimeError(f"{self.name} child, {handler}:\n{reply['error']}")
+        return reply["ok"]
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.conn.send(None)
+            self.process.join(timeout=120)
+        if self.process.is_alive():
+            self.process.terminate()
 
 
 # Report ----------------------------------------------------------------------------------------
 
 def machine() -> dict[str, str]:
     import psutil
-    import ray
-    import torch
 
     cpu = platform.processor() or "unknown"
     try:
@@ -333,14 +391,11 @@ def machine() -> dict[str, str]:
         "nproc": str(os.cpu_count()),
         "cpu": cpu,
         "memory": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "torch": f"{torch.__version__}, {torch.get_num_threads()} threads in this process",
-        "gpu": "none (torch.cuda.is_available() is False)" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "python": platform.python_version(),
-        "ray": ray.__version__,
     }
 
 
-def mib(n: int) -> str:
+def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
@@ -348,120 +403,169 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
-def print_table(rows: Sequence[tuple[str, str, str, str]]) -> None:
+def format_table(rows: Sequence[tuple[str, str, str, str]]) -> str:
     header = ("figure", "value", "goal", "result")
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(4)]
-    line = "  ".join("-" * w for w in widths)
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print(line)
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def marginal_rate(images_small: int, seconds_small: float, images_large: int, seconds_large: float) -> float | None:
+    """Images/s of the extra work between two runs: the rate with each run's fixed cost taken out."""
+    extra = seconds_large - seconds_small
+    return (images_large - images_small) / extra if extra > 0 else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=8, help="shards of the 1x input")
-    parser.add_argument("--per-shard", type=int, default=20, help="samples per shard (4 in all are failed URLs)")
+    parser.add_argument("--per-shard", type=int, default=100, help="samples per shard (4 in all are failed URLs)")
     parser.add_argument("--image-size", type=int, default=256, help="img2dataset's short side, px")
     parser.add_argument("--scale", type=int, default=10, help="the large input is this many copies of the 1x")
     parser.add_argument("--batch-size", type=int, default=64, help="decode and embed batch size, everywhere")
-    parser.add_argument("--repeats", type=int, default=2, help="timed end-to-end runs at 1x (best is reported)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed end-to-end runs at 1x per side (best kept)")
     parser.add_argument("--resources", default="{}",
                         help="JSON of ResourcesConfig overrides for the Ray runs, e.g. '{\"cpus_per_actor\": 0.5}'")
     args = parser.parse_args(argv)
     resources = json.loads(args.resources)
     started = time.perf_counter()
+    load_before = os.getloadavg()
 
     shards, images = sample_shards(args.shards, args.per_shard, args.image_size)
     warm = copied_shards(shards, "warm", 1, first=1)
     large = copied_shards(shards, f"x{args.scale}", args.scale)
-    n_failed = BROKEN_URLS + NON_IMAGE
-    config = make_config(str(shards), fresh_output("unused"), args.batch_size)
-    print(f"input: {args.shards} shards ({images} images + {n_failed} failed URLs) in {shards}; "
-          f"{args.scale}x: {args.shards * args.scale} shards in {large}", flush=True)
+    n_large = args.shards * args.scale
+    print(f"input: {args.shards} shards ({images} images + {BROKEN_URLS + NON_IMAGE} failed URLs) in {shards}; "
+          f"{args.scale}x: {n_large} shards in {large}", flush=True)
 
-    import torch
+    plain, ray_side = Child("plain"), Child("ray")
+    try:
+        print("decode alone, model alone (plain process) ...", flush=True)
+        stages = plain("stages", shards=str(shards), batch_size=args.batch_size)
+        if stages["images"] != images:
+            raise RuntimeError(f"decode made {stages['images']} images of {images}")
 
-    torch_threads = torch.get_num_threads()
-    print("decode ...", flush=True)
-    batches = read_batches(shards, args.batch_size)
-    decode_rate, decoded, decoded_images = bench_decode(config, batches)
-    assert decoded_images == images, (decoded_images, images)
-    print("model only ...", flush=True)
-    model_rate = bench_model_only(config, decoded, args.batch_size, torch_threads)
-    model_rate_1 = bench_model_only(config, decoded, args.batch_size, 1)
+        print("starting Ray, warming both sides on a 1-shard input (not timed) ...", flush=True)
+        ray_up = ray_side("ray_start")
+        t = time.perf_counter()
+        ray_side("ray_run", shards=str(warm), images=0, batch_size=args.batch_size, output="warm-ray",
+                 resources=resources)
+        ray_warm_s = time.perf_counter() - t
+        plain("plain_run", shards=str(warm), images=0, batch_size=args.batch_size, output="warm-plain", threads=None)
 
-    print("starting Ray and warming it on a 1-shard input (not timed) ...", flush=True)
-    ray_start()
-    from pipeline.runner import run_score
+        threads_options = sorted({stages["default_threads"], 1}, reverse=True)
+        plain_1x: dict[int, list[dict]] = {n: [] for n in threads_options}
+        ray_1x: list[dict] = []
+        for rep in range(args.repeats):
+            for n in threads_options:
+                print(f"plain loop, {args.shards} shards, {n} torch thread(s), run {rep + 1} ...", flush=True)
+                plain_1x[n].append(plain("plain_run", shards=str(shards), images=images, batch_size=args.batch_size,
+                                         output=f"plain-1x-t{n}-{rep}", threads=n))
+            print(f"Ray run_score, {args.shards} shards, run {rep + 1} ...", flush=True)
+            ray_1x.append(ray_side("ray_run", shards=str(shards), images=images, batch_size=args.batch_size,
+                                   output=f"ray-1x-{rep}", resources=resources))
 
-    warm_summary = run_score(make_config(str(warm), fresh_output("warm-ray"), args.batch_size, **resources))
-    if not warm_summary.ok:
-        raise RuntimeError(f"warm-up run failed: {warm_summary.units_failed}")
-    from bench.plain_loop import run_plain
+        best_threads = min(threads_options, key=lambda n: min(r["seconds"] for r in plain_1x[n]))
+        print(f"Ray run_score, {n_large} shards ...", flush=True)
+        ray_large = ray_side("ray_run", shards=str(large), images=images * args.scale, batch_size=args.batch_size,
+                             output=f"ray-{args.scale}x", resources=resources)
+        print(f"plain loop, {n_large} shards, {best_threads} torch thread(s) ...", flush=True)
+        plain_large = plain("plain_run", shards=str(large), images=images * args.scale,
+                            batch_size=args.batch_size, output=f"plain-{args.scale}x", threads=best_threads)
+        task_threads = ray_side("ray_task_threads")
+    finally:
+        plain.close()
+        ray_side.close()
 
-    run_plain(make_config(str(warm), fresh_output("warm-plain"), args.batch_size))
-
-    print(f"plain loop, {args.shards} shards x{args.repeats} ...", flush=True)
-    plain = plain_run("1x", shards, images, args.batch_size, args.repeats)
-    print(f"Ray run_score, {args.shards} shards x{args.repeats} ...", flush=True)
-    ray_1x = ray_run("1x", shards, images, args.batch_size, args.repeats, resources)
-    print(f"Ray run_score, {args.shards * args.scale} shards ...", flush=True)
-    ray_large = ray_run(f"{args.scale}x", large, images * args.scale, args.batch_size, 1, resources)
-
-    import ray
-
-    actor_threads = ray.get(ray.remote(num_cpus=1)(lambda: (os.environ.get("OMP_NUM_THREADS"),
-                                                             __import__("torch").get_num_threads())).remote())
-    ray.shutdown()
-
-    ratio = ray_1x.rate / plain.rate
-    memory_ratio = ray_large.peak_rss / ray_1x.peak_rss
     info = machine()
+    plain_best = {n: min(runs, key=lambda r: r["seconds"]) for n, runs in plain_1x.items()}
+    plain_ref = plain_best[best_threads]
+    ray_best = min(ray_1x, key=lambda r: r["seconds"])
+    plain_rate = images / plain_ref["seconds"]
+    ray_rate = images / ray_best["seconds"]
+    ratio = ray_rate / plain_rate
+    n_big = images * args.scale
+    ray_peak_1x = max(r["peak_rss"] for r in ray_1x)
+    ray_pss_1x = max(r["peak_pss"] for r in ray_1x)
+    memory_ratio = ray_large["peak_rss"] / ray_peak_1x
+    ray_marginal = marginal_rate(images, ray_best["seconds"], n_big, ray_large["seconds"])
+    plain_marginal = marginal_rate(images, plain_ref["seconds"], n_big, plain_large["seconds"])
+    ray_fixed = ray_best["seconds"] - images / ray_marginal if ray_marginal else None
     total = time.perf_counter() - started
-    print()
-    print("=" * 100)
-    print(f"make bench (CPU) -- {info['date']}")
-    print(f"machine: nproc={info['nproc']}, {info['cpu']}, {info['memory']} RAM, GPU: {info['gpu']}")
-    print(f"software: python {info['python']}, torch {info['torch']}, ray {info['ray']}; a Ray task/actor with "
-          f"num_cpus=1 sees OMP_NUM_THREADS={actor_threads[0]}, torch threads {actor_threads[1]}")
-    print(f"input: {args.shards} img2dataset shards x {args.per_shard} samples, {args.image_size} px short side: "
-          f"{images} images + {n_failed} failed URLs; {args.scale}x = the same shards copied to "
-          f"{args.shards * args.scale} numbers")
-    print(f"model: tiny-random fp32 (224 px input), head {config.heads[0].name}; batch size {args.batch_size} "
-          f"(decode and embed); shards_per_unit {config.shards_per_unit}; Ray resources: "
-          f"{'defaults' if not resources else resources}")
-    print()
+
+    def rate_cell(n: int, run: dict) -> str:
+        return f"{n / run['seconds']:,.1f} img/s ({run['seconds']:.2f} s)"
+
     rows = [
-        ("decode, Decode stage alone (1 process, 1 thread)", f"{decode_rate:,.0f} img/s", "", ""),
-        (f"model only, EmbedScore on decoded pixels ({torch_threads} threads)", f"{model_rate:,.0f} img/s", "", ""),
-        ("model only, EmbedScore on decoded pixels (1 thread, as in the actor)", f"{model_rate_1:,.0f} img/s", "", ""),
-        (f"end to end, plain loop, 1 process, {args.shards} shards",
-         f"{plain.rate:,.1f} img/s ({plain.best_s:.2f} s)", "", ""),
-        (f"end to end, Ray run_score, {args.shards} shards (start-up excluded)",
-         f"{ray_1x.rate:,.1f} img/s ({ray_1x.best_s:.2f} s)", "", ""),
-        (f"Ray / plain throughput at {args.shards} shards", f"{ratio:.2f}x", f">= {GOAL_RATIO}x",
-         verdict(ratio >= GOAL_RATIO)),
-        ("", "", f">= {ISSUE5_RATIO}x (issue 5)", verdict(ratio >= ISSUE5_RATIO)),
-        (f"end to end, Ray run_score, {args.shards * args.scale} shards",
-         f"{ray_large.rate:,.1f} img/s ({ray_large.best_s:.2f} s)", "", ""),
-        (f"peak RSS, driver + Ray workers, {args.shards} shards",
-         f"{mib(ray_1x.peak_rss)} ({ray_1x.peak_workers} workers)", "", ""),
-        (f"peak RSS, driver + Ray workers, {args.shards * args.scale} shards",
-         f"{mib(ray_large.peak_rss)} ({ray_large.peak_workers} workers)", "", ""),
-        (f"peak memory ratio {args.scale}x / 1x (RSS)", f"{memory_ratio:.2f}x", f"< {GOAL_MEMORY_RATIO}x",
-         verdict(memory_ratio < GOAL_MEMORY_RATIO)),
-        (f"  same, PSS (shared pages counted once): {mib(ray_1x.peak_pss)} -> {mib(ray_large.peak_pss)}",
-         f"{ray_large.peak_pss / ray_1x.peak_pss:.2f}x", "", ""),
-        (f"  Ray daemons (raylet, GCS, agents) RSS, not counted above",
-         f"{mib(ray_1x.peak_daemons_rss)} / {mib(ray_large.peak_daemons_rss)}", "", ""),
-        ("  plain loop peak RSS (one process)", mib(plain.peak_rss), "", ""),
+        ("decode: Decode stage alone, 1 process, 1 thread", f"{stages['decode_rate']:,.0f} img/s", "", ""),
     ]
-    print_table(rows)
+    for n, rate in sorted(stages["model_rates"].items(), key=lambda kv: -int(kv[0])):
+        rows.append((f"model only: EmbedScore on decoded pixels, {n} torch thread(s)", f"{rate:,.0f} img/s", "", ""))
+    for n in threads_options:
+        mark = "  <- reference" if n == best_threads else ""
+        rows.append((f"end to end, plain loop, {args.shards} shards, {n} torch thread(s){mark}",
+                     rate_cell(images, plain_best[n]), "", ""))
+    rows += [
+        (f"end to end, Ray run_score, {args.shards} shards (Ray start-up excluded)", rate_cell(images, ray_best), "", ""),
+        (f"Ray / plain throughput, {args.shards} shards", f"{ratio:.2f}x", f">= {GOAL_RATIO}x", verdict(ratio >= GOAL_RATIO)),
+        ("", "", f">= {ISSUE5_RATIO}x (issue 5)", verdict(ratio >= ISSUE5_RATIO)),
+        (f"end to end, plain loop, {n_large} shards", rate_cell(n_big, plain_large), "", ""),
+        (f"end to end, Ray run_score, {n_large} shards", rate_cell(n_big, ray_large), "", ""),
+        (f"Ray / plain throughput, {n_large} shards",
+         f"{(n_big / ray_large['seconds']) / (n_big / plain_large['seconds']):.2f}x", "", ""),
+        (f"steady state ({args.shards}->{n_large} shards, marginal): plain / Ray",
+         f"{plain_marginal or float('nan'):,.1f} / {ray_marginal or float('nan'):,.1f} img/s", "", ""),
+        ("  Ray / plain, steady state",
+         f"{ray_marginal / plain_marginal:.2f}x" if ray_marginal and plain_marginal else "n/a", "", ""),
+        ("  Ray's fixed cost per run (mostly the embed actor's cold start)",
+         f"{ray_fixed:.1f} s" if ray_fixed is not None else "n/a", "", ""),
+        (f"peak RSS, driver + Ray workers, {args.shards} shards",
+         f"{mib(ray_peak_1x)} ({max(r['workers'] for r in ray_1x)} workers)", "", ""),
+        (f"peak RSS, driver + Ray workers, {n_large} shards",
+         f"{mib(ray_large['peak_rss'])} ({ray_large['workers']} workers)", "", ""),
+        (f"peak memory {args.scale}x / 1x (RSS)", f"{memory_ratio:.2f}x", f"< {GOAL_MEMORY_RATIO}x",
+         verdict(memory_ratio < GOAL_MEMORY_RATIO)),
+        (f"  same in PSS (shared pages once): {mib(ray_pss_1x)} -> {mib(ray_large['peak_pss'])}",
+         f"{ray_large['peak_pss'] / ray_pss_1x:.2f}x", "", ""),
+        ("  not counted: raylet, GCS, Ray agents (RSS, 1x / 10x)",
+         f"{mib(max(r['daemons_rss'] for r in ray_1x))} / {mib(ray_large['daemons_rss'])}", "", ""),
+        (f"  plain loop, one process, peak RSS ({args.shards} / {n_large} shards)",
+         f"{mib(plain_ref['peak_rss'])} / {mib(plain_large['peak_rss'])}", "", ""),
+    ]
+
     print()
-    print(f"timed runs (s): plain {[round(t, 2) for t in plain.times]}, Ray {[round(t, 2) for t in ray_1x.times]}, "
-          f"Ray {args.scale}x {[round(t, 2) for t in ray_large.times]}")
-    print(f"plain loop's time by stage (s, last run): {plain.stage_s}")
+    print("=" * 110)
+    print(f"make bench (CPU), {info['date']}")
+    print(f"machine: nproc={info['nproc']}, {info['cpu']}, {info['memory']} RAM, no GPU used; "
+          f"load average at start {load_before[0]:.1f} (1 min) / {load_before[1]:.1f} (5 min)")
+    print(f"software: python {info['python']}, torch {version('torch')} ({stages['default_threads']} threads by "
+          f"default), ray {version('ray')}; a Ray task with num_cpus=1 sees "
+          f"OMP_NUM_THREADS={task_threads['omp']}, torch threads {task_threads['torch_threads']}")
+    print(f"input: {args.shards} img2dataset shards x {args.per_shard} samples, {args.image_size} px short side = "
+          f"{images} images + {BROKEN_URLS + NON_IMAGE} failed URLs; {args.scale}x = the same shards copied to "
+          f"{n_large} numbers ({n_big} images)")
+    print(f"model: tiny-random fp32 (224 px), 1 head; batch size {args.batch_size} for decode and embed; "
+          f"shards_per_unit 4; Ray: num_cpus=2, resources "
+          f"{'as configured by default' if not resources else resources}")
+    print()
+    print(format_table(rows))
+    print()
+    print("timed runs, seconds (load average when each started):")
+    for n in threads_options:
+        print(f"  plain {args.shards} shards, {n} thread(s): "
+              + ", ".join(f"{r['seconds']:.2f} ({r['load']:.1f})" for r in plain_1x[n]))
+    print(f"  Ray   {args.shards} shards: " + ", ".join(f"{r['seconds']:.2f} ({r['load']:.1f})" for r in ray_1x)
+          + f"   peaks: {', '.join(mib(r['peak_rss']) for r in ray_1x)}")
+    print(f"  plain {n_large} shards: {plain_large['seconds']:.2f} ({plain_large['load']:.1f});  "
+          f"Ray {n_large} shards: {ray_large['seconds']:.2f} ({ray_large['load']:.1f})")
+    print(f"  not timed: ray.init {ray_up['seconds']:.1f} s, Ray warm-up run on 1 shard {ray_warm_s:.1f} s")
+    print(f"CPU seconds spent (user+system) -- plain {args.shards} / {n_large} shards: {plain_ref['cpu_s']['driver']} / "
+          f"{plain_large['cpu_s']['driver']};  Ray {args.shards} shards: {ray_best['cpu_s']};  Ray {n_large} shards: "
+          f"{ray_large['cpu_s']}")
+    print(f"plain loop's seconds by stage ({args.shards} shards, reference run): {plain_ref['stage_s']}")
+    print(f"plain loop's seconds by stage ({n_large} shards): {plain_large['stage_s']}")
     print(f"bench wall time: {total:.0f} s")
     return 0
 
