@@ -127,7 +127,10 @@ def new_run_id() -> str:
 
 
 def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local Ray that listens on loopback only."""
+    """Join the cluster in RAY_ADDRESS, or start a local Ray.
+
+    The node address is pinned to 127.0.0.1, but Ray 2.60 still binds its gRPC servers to all
+    interfaces; what protects them is Ray's token auth (on by default for a local ray.init in 2.60)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
