@@ -64,6 +64,8 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-actors", type=int)
     parser.add_argument("--max-actors", type=int)
     parser.add_argument("--gpus-per-actor", type=float)
+    parser.add_argument("--decode-cpus-per-actor", type=float,
+                        help="CPUs of JPEG decode that feed one embed actor (GPU); caps decode tasks at this x max-actors")
     parser.add_argument("--shards-per-unit", type=int)
     parser.add_argument("--write-embeddings", action="store_true", default=None)
     parser.add_argument("--quality-metrics", action="store_true", default=None,
@@ -90,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
         ("precision", model, "precision"), ("device", model, "device"),
         ("batch_size", resources, "embed_batch_size"), ("min_actors", resources, "min_actors"),
         ("max_actors", resources, "max_actors"), ("gpus_per_actor", resources, "gpus_per_actor"),
+        ("decode_cpus_per_actor", resources, "decode_cpus_per_actor"),
         ("decode_batch_size", decode, "batch_size"), ("quality_metrics", decode, "quality_metrics"),
     ]:
         if getattr(args, flag) is not None:

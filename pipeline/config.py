@@ -145,6 +145,9 @@ class ResourcesConfig:
     memory_per_actor_gb: float = 2.0  # host memory an embed actor holds (ViT-L/14 weights are 1.7 GB in fp32)
     decode_cpus: float = 1.0  # CPUs one decode task asks for
     decode_concurrency: int | None = None  # at most this many decode tasks at once (None: Ray decides)
+    # How many CPUs of decode feed one embed actor (one GPU): sets decode_concurrency from max_actors
+    # when that is not given. Measure it: decode images/s per CPU against model images/s per GPU.
+    decode_cpus_per_actor: float | None = None
     read_concurrency: int | None = None
 
     def __post_init__(self) -> None:
@@ -157,6 +160,15 @@ class ResourcesConfig:
         for name in ("decode_concurrency", "read_concurrency"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"{name} must be >= 1, got {value}")
+        _require(self.decode_cpus_per_actor is None or self.decode_cpus_per_actor >= self.decode_cpus,
+                 f"decode_cpus_per_actor must be at least one decode task ({self.decode_cpus} CPUs)")
+
+    @property
+    def decode_task_limit(self) -> int | None:
+        """At most this many decode tasks at once: explicit, or decode_cpus_per_actor x max_actors."""
+        if self.decode_concurrency is not None or self.decode_cpus_per_actor is None:
+            return self.decode_concurrency
+        return max(1, round(self.decode_cpus_per_actor * self.max_actors / self.decode_cpus))
 
 
 @dataclass(frozen=True)

@@ -9,38 +9,18 @@ only the model holder is an actor, loaded once per actor.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Sequence
 
 import ray
 
 from pipeline.config import ScoreConfig
 from pipeline.io.shards import WorkUnit
-from pipeline.io.writer import WriteStaging
 from pipeline.models.clip import image_geometry
 from pipeline.models.prompts import load_prompt_sets
-from pipeline.stages.decode import Decode
 from pipeline.stages.embed import EmbedScore
-from pipeline.stages.read import ReadShard
+from pipeline.stages.tasks import decode_images, read_shard, stage_rows
 
 STAGING_CPUS = 0.5  # staging writes are I/O; they should not hold a whole core from decode
-
-
-def _read(batch: Mapping[str, Any], storage_options: Mapping[str, Any], rows_per_batch: int) -> Iterator:
-    yield from ReadShard(storage_options, rows_per_batch)(batch)
-
-
-@functools.lru_cache(maxsize=4)
-def _decoder(decode_config, image_size: int, interpolation: str) -> Decode:
-    return Decode(decode_config, image_size=image_size, interpolation=interpolation)
-
-
-def _decode(batch: dict, decode_config, image_size: int, interpolation: str) -> dict:
-    return _decoder(decode_config, image_size, interpolation)(batch)
-
-
-def _stage(batch: dict, output: str, run_id: str, storage_options: Mapping[str, Any]) -> dict:
-    return WriteStaging(output, run_id, storage_options)(batch)
 
 
 def gpus_per_actor(config: ScoreConfig) -> float:
@@ -63,14 +43,16 @@ def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
 
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one read task per shard
     ds = ds.map_batches(
-        _read, fn_kwargs={"storage_options": storage, "rows_per_batch": config.decode.batch_size},
+        read_shard, fn_kwargs={"storage_options": storage, "rows_per_batch": config.decode.batch_size},
         batch_size=1, batch_format="numpy", num_cpus=1, concurrency=resources.read_concurrency,
     )
     ds = ds.map_batches(
-        _decode,
+        decode_images,
         fn_kwargs={"decode_config": config.decode, "image_size": image_size, "interpolation": interpolation},
-        batch_size=config.decode.batch_size, batch_format="numpy", num_cpus=resources.decode_cpus,
-        concurrency=resources.decode_concurrency,
+        # The read already yields blocks of decode.batch_size rows. A batch size here would also be
+        # the fused read+decode task's input size, i.e. that many *shards* in one task.
+        batch_size=None, batch_format="numpy", num_cpus=resources.decode_cpus,
+        concurrency=resources.decode_task_limit,
     )
     ds = ds.map_batches(
         EmbedScore,
@@ -90,6 +72,6 @@ def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
         memory=int(resources.memory_per_actor_gb * 2**30),
     )
     return ds.map_batches(
-        _stage, fn_kwargs={"output": config.output, "run_id": run_id, "storage_options": storage},
+        stage_rows, fn_kwargs={"output": config.output, "run_id": run_id, "storage_options": storage},
         batch_size=None, batch_format="numpy", num_cpus=STAGING_CPUS,
     )

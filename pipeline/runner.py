@@ -11,6 +11,7 @@ import os
 import time
 import uuid
 from collections import Counter, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -28,6 +29,8 @@ from pipeline.io.storage import filesystem, join, write_json_atomic
 from pipeline.io.writer import commit_unit
 
 log = logging.getLogger(__name__)
+
+COMMIT_THREADS = 2
 
 
 class RunFailed(RuntimeError):
@@ -170,35 +173,38 @@ def execute(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str, summary
     received: dict[str, Counter] = defaultdict(Counter)
     expected: dict[str, dict[str, int]] = defaultdict(dict)
     first_seen: dict[str, float] = {}
-    commits: dict[str, ray.ObjectRef] = {}
-    commit_remote = ray.remote(num_cpus=0, max_retries=2)(commit_unit)
+    commits: dict[str, Future] = {}
     identity = _identity(config, shards_per_unit)
 
     ds = build_dataset(config, units, run_id, embed_loader=embed_loader)
-    for stats in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for unit_id, shard, rows, shard_rows in zip(stats[S.UNIT], stats[S.SHARD], stats["rows"], stats[S.SHARD_ROWS]):
-            unit_id, shard = str(unit_id), str(shard)
-            received[unit_id][shard] += int(rows)
-            expected[unit_id][shard] = int(shard_rows)
-            first_seen.setdefault(unit_id, time.time() - started)
-            complete = all(received[unit_id][s] >= expected[unit_id].get(s, np.inf) for s in shard_names[unit_id])
-            if complete and unit_id not in commits:
-                timings = {"first_rows_s": round(first_seen[unit_id], 3),
-                           "all_rows_s": round(time.time() - started, 3)}
-                commits[unit_id] = commit_remote.remote(
-                    config.output, run_id, unit_id, by_id[unit_id].versions(), identity, timings,
-                    dict(config.storage_options))
+    # A commit is a few object-store reads and writes: driver threads do it while the stream goes
+    # on, with no Ray worker to start and no CPU taken from decode.
+    with ThreadPoolExecutor(max_workers=COMMIT_THREADS, thread_name_prefix="commit") as committer:
+        for stats in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for unit_id, shard, rows, shard_rows in zip(stats[S.UNIT], stats[S.SHARD], stats["rows"],
+                                                        stats[S.SHARD_ROWS]):
+                unit_id, shard = str(unit_id), str(shard)
+                received[unit_id][shard] += int(rows)
+                expected[unit_id][shard] = int(shard_rows)
+                first_seen.setdefault(unit_id, time.time() - started)
+                complete = all(received[unit_id][s] >= expected[unit_id].get(s, np.inf)
+                               for s in shard_names[unit_id])
+                if complete and unit_id not in commits:
+                    timings = {"first_rows_s": round(first_seen[unit_id], 3),
+                               "all_rows_s": round(time.time() - started, 3)}
+                    commits[unit_id] = committer.submit(
+                        commit_unit, config.output, run_id, unit_id, by_id[unit_id].versions(), identity,
+                        timings, dict(config.storage_options))
 
     for unit_id in shard_names:
         if unit_id not in commits:
             missing = {s: f"{received[unit_id][s]}/{expected[unit_id].get(s, '?')}" for s in shard_names[unit_id]}
             summary.units_failed[unit_id] = f"rows never all arrived: {missing}"
-    for unit_id, ref in commits.items():
+    for unit_id, future in commits.items():
         try:
-            manifest = ray.get(ref)
+            manifest = future.result()
         except Exception as exc:  # noqa: BLE001 - one unit's failure must not lose the others
-            cause = getattr(exc, "cause", None) or exc
-            summary.units_failed[unit_id] = f"{type(cause).__name__}: {cause}"
+            summary.units_failed[unit_id] = f"{type(exc).__name__}: {exc}"
             continue
         summary.units_committed.append(unit_id)
         summary.rows += manifest["rows"]

@@ -282,6 +282,28 @@ def test_the_nightly_schedule_submits_nightly_once_a_night_with_the_token_from_t
     assert pod.get("automountServiceAccountToken") is False
 
 
+def _flag(command: list[str], name: str) -> float:
+    return float(command[command.index(name) + 1])
+
+
+@pytest.mark.parametrize("kind", ["RayJob", "CronJob"])
+def test_the_jobs_size_the_model_pool_and_its_decode_feed_to_the_cluster(kind):
+    """One model actor per GPU pod, and the decode CPUs per actor exist on the CPU groups."""
+    if kind == "RayJob":
+        command = shlex.split(_one("RayJob")["spec"]["entrypoint"])
+    else:
+        (container,) = _one("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+        command = container["command"]
+    groups = {g["groupName"]: g for g in _one("RayCluster")["spec"]["workerGroupSpecs"]}
+    gpu_group, cpu_group = groups["gpu-embed"], groups["cpu-decode"]
+    assert _flag(command, "--max-actors") == gpu_group["maxReplicas"]
+    cpus = {name: float(g["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"])
+            for name, g in groups.items()}
+    # Each GPU pod keeps one CPU for its actor; the rest of its CPUs and the CPU group's decode.
+    decode_cpus = gpu_group["maxReplicas"] * (cpus["gpu-embed"] - 1) + cpu_group["maxReplicas"] * cpus["cpu-decode"]
+    assert _flag(command, "--decode-cpus-per-actor") * gpu_group["maxReplicas"] <= decode_cpus
+
+
 def test_the_network_policy_covers_the_ray_pods_and_admits_the_submitter():
     policy = _one("NetworkPolicy")
     selected = policy["spec"]["podSelector"]["matchLabels"]

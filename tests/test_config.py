@@ -15,6 +15,7 @@ def test_defaults_are_the_laion_v2_setup():
     (lambda: ModelConfig(precision="fp8"), "precision"),
     (lambda: ModelConfig(device="tpu"), "device"),
     (lambda: ResourcesConfig(min_actors=3, max_actors=2), "min_actors"),
+    (lambda: ResourcesConfig(decode_cpus=2, decode_cpus_per_actor=1), "decode_cpus_per_actor"),
     (lambda: WeightsSpec("x.pth", "abc"), "64 lowercase hex"),
     (lambda: ScoreConfig(input=(), output="o"), "input"),
     (lambda: ScoreConfig(input=("i",), output="o", shards_per_unit=0), "shards_per_unit"),
@@ -37,3 +38,11 @@ def test_a_mapping_builds_nested_config_and_rejects_unknown_keys():
     assert config.heads[0] == KNOWN_HEADS["sa_0_4_vit_l_14_linear"]
     with pytest.raises(ConfigError, match="unknown model setting"):
         config_from_mapping({"input": "i", "output": "o", "model": {"nmae": "x"}})
+
+
+def test_decode_cpus_per_actor_sets_how_many_decode_tasks_feed_the_actor_pool():
+    assert ResourcesConfig().decode_task_limit is None  # Ray fills the free CPUs
+    assert ResourcesConfig(max_actors=4, decode_cpus_per_actor=6).decode_task_limit == 24
+    assert ResourcesConfig(max_actors=4, decode_cpus=2, decode_cpus_per_actor=6).decode_task_limit == 12
+    explicit = ResourcesConfig(max_actors=4, decode_cpus_per_actor=6, decode_concurrency=3)
+    assert explicit.decode_task_limit == 3

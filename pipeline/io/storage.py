@@ -14,21 +14,31 @@ import fsspec
 from fsspec.core import url_to_fs
 
 
-def _s3_defaults() -> dict[str, Any]:
+# botocore's "standard" mode retries throttling (SlowDown, 503), other 5xx and dropped connections
+# with jittered exponential backoff; s3fs retries SlowDown and timeouts again on top of that.
+S3_RETRIES = {"mode": "standard", "max_attempts": 10}
+
+
+def _s3_options(storage_options: Mapping[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return {"endpoint_url": endpoint} if endpoint else {}
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    options.update(storage_options)
+    config_kwargs = dict(storage_options.get("config_kwargs") or {})
+    config_kwargs.setdefault("retries", dict(S3_RETRIES))
+    options["config_kwargs"] = config_kwargs
+    return options
 
 
 def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for ``uri`` and the path within it."""
-    options: dict[str, Any] = {}
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    if protocol == "file":
+        return url_to_fs(uri)
     if protocol in ("s3", "s3a"):
-        options.update(_s3_defaults())
-    options.update(storage_options or {})
-    if protocol == "file" or "://" not in uri:
-        options = {}
-    return url_to_fs(uri, **options)
+        return url_to_fs(uri, **_s3_options(storage_options or {}))
+    return url_to_fs(uri, **(storage_options or {}))
 
 
 def protocol_of(fs: fsspec.AbstractFileSystem) -> str:

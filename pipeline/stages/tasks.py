@@ -1,0 +1,34 @@
+"""The stateless CPU stages as the plain functions Ray Data runs in its tasks.
+
+Ray pickles a function by reference, so a task worker imports the function's module. Keeping these
+out of graph.py (which imports the embed stage, hence torch and open_clip) keeps every read, decode
+and staging worker about 500 MiB smaller: they never import torch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterator, Mapping
+
+from pipeline.config import DecodeConfig
+from pipeline.io.writer import WriteStaging
+from pipeline.stages.decode import Decode
+from pipeline.stages.read import ReadShard
+
+
+def read_shard(batch: Mapping[str, Any], storage_options: Mapping[str, Any], rows_per_batch: int) -> Iterator:
+    yield from ReadShard(storage_options, rows_per_batch)(batch)
+
+
+@functools.lru_cache(maxsize=4)
+def _decoder(decode_config: DecodeConfig, image_size: int, interpolation: str) -> Decode:
+    # Task workers are reused, so the decoder (and its resampling filter) is built once per worker.
+    return Decode(decode_config, image_size=image_size, interpolation=interpolation)
+
+
+def decode_images(batch: dict, decode_config: DecodeConfig, image_size: int, interpolation: str) -> dict:
+    return _decoder(decode_config, image_size, interpolation)(batch)
+
+
+def stage_rows(batch: dict, output: str, run_id: str, storage_options: Mapping[str, Any]) -> dict:
+    return WriteStaging(output, run_id, storage_options)(batch)
