@@ -270,9 +270,10 @@ def stage_benchmarks(shards: str, batch_size: int) -> dict[str, Any]:
 def ray_start() -> dict[str, Any]:
     import ray
 
+    from pipeline.runner import start_local_ray
+
     started = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    start_local_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False

@@ -255,14 +255,15 @@ def decode_rate_per_core(shards: Path, batch_size: int) -> float:
 def end_to_end(args: argparse.Namespace, device: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     import ray
 
+    from pipeline.runner import start_local_ray
+
     from pipeline.config import DecodeConfig, ModelConfig, ResourcesConfig, ScoreConfig
     from pipeline.runner import run_score
 
     resources = json.loads(args.resources)
     shards, warm, images = e2e_input(args)
     per_core = decode_rate_per_core(shards, args.decode_batch_size)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    start_local_ray(num_cpus=args.num_cpus, log_to_driver=False, configure_logging=False)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False

@@ -1,4 +1,5 @@
-"""Issue 6 end to end: img2dataset shards scored once on a local Ray, then read, reported, selected.
+"""Issue 6 end to end: img2dataset shards scored once on a local Ray, then read, reported, selected
+(and issue 7's prompt and quality columns written by the same job).
 
 One scored output (tiny-random CLIP, embeddings written) is shared by every test in this module.
 """
@@ -6,6 +7,7 @@ One scored output (tiny-random CLIP, embeddings written) is shared by every test
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -34,24 +36,21 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 QUERY = "a breathtaking travel photo of a scenic landscape"
 
-# The README's DuckDB example, run verbatim by test_readme_duckdb_example (OUTPUT is substituted).
-README_DUCKDB_EXAMPLE = """
-import duckdb
-from pipeline.analysis import duckdb_relation
+# The README's DuckDB example, read from the README itself (the python block after the "tested:" marker) and run
+# by test_readme_duckdb_example with its path replaced by the scored output: the README cannot drift from it.
+README_DUCKDB_MARKER = "<!-- tested: tests/analysis/test_analysis.py::test_readme_duckdb_example -->"
+README_DUCKDB_PATH = '"demo-output/scores"'
 
-con = duckdb.connect()
-duckdb_relation(OUTPUT, con=con)  # view "scores": committed units only, score_band from the Hive path
-by_band = con.sql('''
-    SELECT score_band, count(*) AS images, round(avg(aesthetic_score), 3) AS mean_score
-    FROM scores WHERE status = 'ok'
-    GROUP BY score_band ORDER BY mean_score DESC
-''').df()
-best = con.sql('''
-    SELECT key, caption, aesthetic_score, shard, tar_offset, tar_size
-    FROM scores WHERE status = 'ok' AND aesthetic_score >= 5.0
-    ORDER BY aesthetic_score DESC LIMIT 10
-''').df()
-"""
+
+def readme_duckdb_example() -> str:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert readme.count(README_DUCKDB_MARKER) == 1, "the README lost its tested DuckDB example"
+    after = readme.split(README_DUCKDB_MARKER, 1)[1]
+    match = re.match(r"\s*```python\n(.*?)\n```", after, re.S)
+    assert match, "the README's tested DuckDB example must be the ```python block right after its marker"
+    code = match.group(1)
+    assert code.count(README_DUCKDB_PATH) == 1 and "duckdb_relation(" in code
+    return code.replace(README_DUCKDB_PATH, "OUTPUT")
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +58,11 @@ def local_ray():
     """A local Ray for this module, unless the session already has one (then it is left running)."""
     import ray
 
+    from pipeline.runner import start_local_ray
+
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 configure_logging=False)
+        start_local_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     if started:
@@ -148,7 +148,7 @@ def test_score_filter_prunes_bands_and_keeps_exactly_the_rows_at_or_above(scored
 
 def test_readme_duckdb_example(scored, table):
     namespace = {"OUTPUT": scored}
-    exec(README_DUCKDB_EXAMPLE, namespace)  # noqa: S102 - the README snippet, verbatim
+    exec(readme_duckdb_example(), namespace)  # noqa: S102 - the README snippet, verbatim
     by_band, best = namespace["by_band"], namespace["best"]
     ok = _ok(table)
     assert int(by_band["images"].sum()) == ok.num_rows
@@ -301,6 +301,48 @@ def test_selection_without_embeddings_says_how_to_get_them(scored, tmp_path, que
 
     assert cli.main(["select", str(copy), "--query", QUERY, "--out", str(tmp_path / "x")]) == 2
     assert "--write-embeddings" in capsys.readouterr().err
+
+
+
+# Issue 7's extra columns through the real job ----------------------------------------------------------
+
+
+def test_prompt_scores_and_quality_metrics_are_written_by_the_job(sample_dataset, local_ray, tmp_path):
+    """`score --prompts default --quality-metrics` on a local Ray: one float32 column per default prompt set and
+    per quality metric lands in the committed Parquet, finite on every ok row, and the prompt scores are what
+    the shipped prompt sets give on the stored embeddings (the stage tests check the arithmetic itself)."""
+    from pipeline.demo import _random_v2_head
+    from pipeline.models.clip import load_clip
+    from pipeline.models.prompts import PromptBank, load_prompt_sets
+    from pipeline.quality import QUALITY_COLUMNS
+    from pipeline.runner import run_score
+
+    path, digest = _random_v2_head(tmp_path / "heads")
+    output = str(tmp_path / "scores")
+    config = ScoreConfig(
+        input=(sample_dataset.shards_dir,), output=output, model=ModelConfig(name="tiny-random", precision="fp32"),
+        heads=(HeadSpec("random-v2", WeightsSpec(path, digest)),), shards_per_unit=2, write_embeddings=True,
+        decode=DecodeConfig(batch_size=16, quality_metrics=True), resources=ResourcesConfig(embed_batch_size=16),
+        prompts="default")
+    assert run_score(config).ok
+    table = open_scores(output).to_table()
+    ok = _ok(table)
+    prompt_sets = load_prompt_sets("default")
+    assert len(prompt_sets.columns) >= 10 and ok.num_rows > 0
+    for column in (*prompt_sets.columns, *QUALITY_COLUMNS):
+        assert table.schema.field(column).type == pa.float32(), column
+        assert np.isfinite(ok[column].to_numpy(zero_copy_only=False)).all(), column
+    assert float(np.std(ok["quality_sharpness"].to_numpy())) > 0  # measured per image, not a constant
+    import torch
+
+    clip = load_clip(ModelConfig(name="tiny-random", precision="fp32"), device="cpu")
+    stored = torch.from_numpy(np.asarray(ok[S.EMBEDDING].to_pylist(), dtype=np.float32))
+    expected = PromptBank.build(clip, prompt_sets).score(torch.nn.functional.normalize(stored, dim=1))
+    best_class = {s.column for s in prompt_sets.sets if s.combine == "best_class"}
+    for column, values in expected.items():
+        close = np.abs(ok[column].to_numpy() - values) <= 2e-4  # scores are ~1e-2; fp16 storage costs ~1e-5
+        # best_class: fp16 rounding may flip the choice between two near-equal classes on a rare row.
+        assert close.mean() >= 0.95 if column in best_class else close.all(), column
 
 
 # Report and notebooks -----------------------------------------------------------------------------------

@@ -21,8 +21,9 @@ def ray_local(s3_server):
     the AWS_* variables, exactly as a node would take them from its environment."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    from pipeline.runner import start_local_ray
+
+    start_local_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

@@ -67,6 +67,9 @@ def hostile_run(tmp_path_factory, scoring, ray_local):
     after = _tree(root)
     table = pads.dataset(committed_files(str(output)), format="parquet", partitioning="hive").to_table()
     rows = {(Path(r[S.SHARD]).name, r[S.KEY]): r for r in table.to_pylist()}
+    print("\nhostile corpus, one line per output row (pytest -s shows it):")
+    for (shard, key), row in sorted(rows.items()):
+        print(f"  {shard:14} {key[:22]!r:26} {row[S.STATUS]:18} {(row[S.ERROR] or '')[:70]}")
     return {"summary": summary, "rows": rows, "corpus": corpus, "new_paths": after - before,
             "cwd_new": set(os.listdir(workdir)), "output": str(output), "table": table}
 

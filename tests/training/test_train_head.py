@@ -157,7 +157,7 @@ def test_a_grid_trains_every_combination_best_first(planted) -> None:
     assert trials[0].selection_score >= trials[1].selection_score
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # starts a local Ray: not part of `make test-fast`
 def test_a_grid_runs_as_ray_tasks(planted) -> None:
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
