@@ -27,7 +27,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 # Fixtures that start servers or run img2dataset: any test using one is an integration test.
 INTEGRATION_FIXTURES = frozenset(
-    {"sample_dataset", "sample_shards_s3", "s3_server", "s3_bucket", "upload_dir"}
+    {"sample_dataset", "sample_shards_s3", "s3_server", "s3_bucket", "upload_dir", "ray_local"}
 )
 
 
@@ -236,3 +236,19 @@ def sample_shards_s3(sample_dataset, s3_server: S3Server) -> str:
     uri = "s3://sample-shards/shards"
     upload_directory(sample_dataset.shards_dir, uri, s3_server.storage_options)
     return uri
+
+
+# Local Ray ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One local Ray for the whole session. It starts after the S3 server so its workers inherit
+    the AWS_* variables, exactly as a node would take them from its environment."""
+    import ray
+
+    from pipeline.runner import start_local_ray
+
+    start_local_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()

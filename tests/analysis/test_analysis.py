@@ -54,23 +54,7 @@ def readme_duckdb_example() -> str:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray for this module, unless the session already has one (then it is left running)."""
-    import ray
-
-    from pipeline.runner import start_local_ray
-
-    started = not ray.is_initialized()
-    if started:
-        start_local_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def scored(sample_dataset, local_ray, tmp_path_factory) -> str:
+def scored(sample_dataset, ray_local, tmp_path_factory) -> str:
     """The sample dataset scored once, embeddings written; returns the output prefix."""
     from pipeline.runner import run_score
 
@@ -307,7 +291,7 @@ def test_selection_without_embeddings_says_how_to_get_them(scored, tmp_path, que
 # Issue 7's extra columns through the real job ----------------------------------------------------------
 
 
-def test_prompt_scores_and_quality_metrics_are_written_by_the_job(sample_dataset, local_ray, tmp_path):
+def test_prompt_scores_and_quality_metrics_are_written_by_the_job(sample_dataset, ray_local, tmp_path):
     """`score --prompts default --quality-metrics` on a local Ray: one float32 column per default prompt set and
     per quality metric lands in the committed Parquet, finite on every ok row, and the prompt scores are what
     the shipped prompt sets give on the stored embeddings (the stage tests check the arithmetic itself)."""

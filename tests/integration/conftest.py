@@ -1,4 +1,4 @@
-"""A local Ray for the session, and the scoring set-up every integration test shares."""
+"""The scoring set-up every integration test shares."""
 
 from __future__ import annotations
 
@@ -13,20 +13,6 @@ from pipeline.config import DEFAULT_HEAD, KNOWN_HEADS, DecodeConfig, HeadSpec, M
     ScoreConfig, WeightsSpec
 
 SHARED_HEADS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "laion-aesthetics" / "heads"
-
-
-@pytest.fixture(scope="session")
-def ray_local(s3_server):
-    """One local Ray for the whole session. It starts after the S3 server so its workers inherit
-    the AWS_* variables, exactly as a node would take them from its environment."""
-    import ray
-
-    from pipeline.runner import start_local_ray
-
-    start_local_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 @dataclass(frozen=True)

@@ -157,15 +157,9 @@ def test_a_grid_trains_every_combination_best_first(planted) -> None:
     assert trials[0].selection_score >= trials[1].selection_score
 
 
-@pytest.mark.integration  # starts a local Ray: not part of `make test-fast`
-def test_a_grid_runs_as_ray_tasks(planted) -> None:
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        configs = config_grid(TrainConfig(max_epochs=15, **FAST), lr=[1e-2, 1e-5])
-        trials = train_many(_data(planted), configs, use_ray=True)
-    finally:
-        ray.shutdown()
+def test_a_grid_runs_as_ray_tasks(planted, ray_local) -> None:
+    configs = config_grid(TrainConfig(max_epochs=15, **FAST), lr=[1e-2, 1e-5])
+    trials = train_many(_data(planted), configs, use_ray=True)
     assert [t.config.lr for t in trials] == [1e-2, 1e-5] and trials[0].metrics["test"]["srcc"] > 0.95
 
 
