@@ -11,10 +11,13 @@ UV     := $(PYTHON) -m uv
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
 	$(UV) venv -q --allow-existing --python $(PYTHON) $(VENV)
-	UV_HTTP_TIMEOUT=300 $(UV) pip install -q -p $(BIN)/python -e '.[test]'
+	# --compile-bytecode: every Ray worker imports torch and open_clip; without .pyc files (uv writes
+	# none by default, and PYTHONDONTWRITEBYTECODE stops Python writing them) each one compiles them
+	# from source again, about 10 s of CPU per process.
+	UV_HTTP_TIMEOUT=300 $(UV) pip install -q --compile-bytecode -p $(BIN)/python -e '.[test]'
 	# The report test drives the system Chromium (never a browser download); Debian's package.
 	command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
