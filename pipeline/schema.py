@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import enum
 import math
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 
@@ -116,3 +118,21 @@ def output_schema(extra_score_columns: tuple[str, ...] = (), embedding_dim: int 
     if embedding_dim:
         fields.append(pa.field(EMBEDDING, pa.list_(pa.float16(), embedding_dim)))
     return pa.schema(fields)
+
+
+TEXT_COLUMNS = frozenset(f.name for f in output_schema() if pa.types.is_string(f.type))
+
+
+def restore_null_text(batch: dict[str, Any]) -> dict[str, Any]:
+    """Give text columns that arrive as float NaNs their None back, in place.
+
+    When a text column is None in every row of a block, Arrow types it ``null`` and Ray Data hands it
+    to the next numpy UDF as float32 NaNs; passed on, it would become a float column or the string
+    "nan". Every stage that takes numpy batches calls this first."""
+    for name in TEXT_COLUMNS.intersection(batch):
+        values = batch[name]
+        if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+            if not np.isnan(values).all():
+                raise TypeError(f"column {name!r} holds numbers, not text")
+            batch[name] = np.full(len(values), None, dtype=object)
+    return batch

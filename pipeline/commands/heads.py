@@ -18,6 +18,8 @@ examples:
   aesthetics train-head --scores OUT --labels AVA.txt --arch mlp --loss emd --lr 1e-3 --lr 3e-4 --ray --out h.pth
   # keep/trash: the better half of AVA is "keep"; list 200 unlabelled images nearest the boundary
   aesthetics train-head --scores OUT --labels AVA.txt --keep-percentile 50 --uncertain 200 --out keep.pth
+  # more labelled rows than fit one machine: data-parallel over 8 Ray Train workers (a GPU each on a GPU cluster)
+  aesthetics train-head --scores OUT --labels AVA.txt --workers 8 --train-storage s3://bucket/runs --out big.pth
 then score with it:  aesthetics score ... --head sac+logos+ava1-l14-linearMSE --head h.pth,sha256=<printed sha256>
 """
 
@@ -74,8 +76,16 @@ def register(commands: Any) -> None:
     keep.add_argument("--keep-percentile", type=float,
                       help="keep/trash mode: keep images at or above this percentile of the label scores")
     train.add_argument("--ray", action="store_true", help="run the grid's trials as Ray tasks")
-    train.add_argument("--ray-address", help="Ray cluster to use with --ray (default: local, or RAY_ADDRESS)")
-    train.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each Ray trial asks for")
+    train.add_argument("--workers", type=int, metavar="N",
+                       help="data-parallel training with Ray Train over N workers; the embeddings are streamed, "
+                            "never gathered (one config only: no grid, no --uncertain)")
+    train.add_argument("--ray-address",
+                       help="Ray cluster to use with --ray or --workers (default: local, or RAY_ADDRESS)")
+    train.add_argument("--cpus-per-trial", type=float, default=1.0,
+                       help="CPUs each Ray trial (with --workers: each Ray Train worker) asks for")
+    train.add_argument("--train-storage",
+                       help="with --workers: where Ray Train keeps its checkpoint (default: a temporary local "
+                            "folder; give a shared path such as s3://bucket/prefix on a multi-node cluster)")
     train.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs each Ray trial asks for")
     train.add_argument("--uncertain", type=int, default=0, metavar="N",
                        help="also list the N unlabelled scored images nearest the decision boundary")
@@ -148,7 +158,8 @@ def cmd_train_head(args: argparse.Namespace) -> int:
         keep_threshold=args.keep_threshold, keep_percentile=args.keep_percentile, config=_train_config(args),
         grid=_grid(args), use_ray=args.ray, ray_address=args.ray_address, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, uncertain_count=args.uncertain,
-        uncertain_out=args.uncertain_out, max_cosine=args.max_cosine, storage_options=_options(args))
+        uncertain_out=args.uncertain_out, max_cosine=args.max_cosine, workers=args.workers,
+        train_storage=args.train_storage, storage_options=_options(args))
     print(f"labelled rows: {report.labelled_rows} ({report.unmatched_labels} labels had no scored ok row)")
     print("| arch | loss | lr | weight_decay | best epoch | val SRCC | val PLCC | val MSE | val accuracy |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -63,6 +63,7 @@ def _column(values: Any, field: pa.Field) -> pa.Array:
 def to_output_table(batch: Mapping[str, Any], keep_shard_rows: bool = False) -> pa.Table:
     """A batch (numpy columns) as an Arrow table of the output schema; extra float columns
     (other heads, prompt scores, quality metrics) keep their names as float32."""
+    batch = S.restore_null_text(dict(batch))
     fields = []
     for name, values in batch.items():
         if name in _DROPPED or (name == S.SHARD_ROWS and not keep_shard_rows):

@@ -47,6 +47,7 @@ class Decode:
         self.resample = resample_filter(interpolation)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = S.restore_null_text(dict(batch))
         images = batch[S.IMAGE]
         count = len(images)
         size = self.image_size

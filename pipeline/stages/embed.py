@@ -99,6 +99,7 @@ class EmbedScore:
 
     # -- the hot path ------------------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = schema.restore_null_text(dict(batch))
         status = np.array(batch[schema.STATUS], dtype=object)  # copies: we write into both
         error = np.array(batch[schema.ERROR], dtype=object)
         n = len(status)

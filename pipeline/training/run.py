@@ -52,10 +52,22 @@ def run_train_head(scores: str, labels_path: str, out: str, *, label_format: str
                    grid: Mapping[str, Sequence[Any]] | None = None, use_ray: bool = False,
                    ray_address: str | None = None, cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0,
                    uncertain_count: int = 0, uncertain_out: str | None = None,
-                   max_cosine: float | None = None,
+                   max_cosine: float | None = None, workers: int | None = None, train_storage: str | None = None,
                    storage_options: Mapping[str, Any] | None = None) -> TrainReport:
-    """Train one head per grid point, save the best at ``out`` (+ ``.json``), and list uncertain images."""
+    """Train one head per grid point, save the best at ``out`` (+ ``.json``), and list uncertain images.
+
+    With ``workers`` the one config trains data-parallel with Ray Train over that many workers, each asking for
+    ``cpus_per_trial`` CPUs (and a GPU where ``config.device`` says so; ``auto``: when the cluster has GPUs), with
+    its checkpoint under ``train_storage`` (default a temporary local folder; a shared path on a multi-node
+    cluster), see :mod:`pipeline.training.distributed`: the embeddings are streamed to the workers, never
+    gathered here, so there is no uncertain-image list (``select-uncertain --head`` makes one afterwards).
+    """
     labels = prepare_labels(read_labels(labels_path, label_format, storage_options), keep_threshold, keep_percentile)
+    if workers is not None:
+        return _run_distributed(scores, labels_path, labels, out, join_on=join_on, keep_threshold=keep_threshold,
+                                keep_percentile=keep_percentile, config=config, grid=grid, ray_address=ray_address,
+                                uncertain_count=uncertain_count, workers=workers, cpus_per_worker=cpus_per_trial,
+                                train_storage=train_storage, storage_options=storage_options)
     table = read_scored(scores, [schema.EMBEDDING, *join_columns(join_on)], storage_options, optional=[schema.URL])
     scored_keys = join_keys(table, join_on)
     matched = align(scored_keys, labels)
@@ -86,3 +98,30 @@ def run_train_head(scores: str, labels_path: str, out: str, *, label_format: str
                                 {name: values[rows] for name, values in sheet_extras(table, join_on).items()})
             write_label_sheet(sheet, uncertain_file, storage_options)
     return TrainReport(record, trials, len(matched.rows), matched.unmatched_labels, uncertain_file)
+
+
+def _run_distributed(scores: str, labels_path: str, labels: LabelTable, out: str, *, join_on: str,
+                     keep_threshold: float | None, keep_percentile: float | None, config: TrainConfig,
+                     grid: Mapping[str, Sequence[Any]] | None, ray_address: str | None, uncertain_count: int,
+                     workers: int, cpus_per_worker: float, train_storage: str | None,
+                     storage_options: Mapping[str, Any] | None) -> TrainReport:
+    from pipeline.training.distributed import train_distributed
+
+    configs = config_grid(config, **(grid or {}))
+    if len(configs) > 1:
+        raise ConfigError(f"data-parallel training (workers={workers}) trains one config, but the grid has "
+                          f"{len(configs)}: give one value per setting, or drop --workers to train the grid as "
+                          "Ray tasks (--ray)")
+    if uncertain_count > 0:
+        raise ConfigError("data-parallel training does not list uncertain images (that needs the embeddings in "
+                          "one process): run `aesthetics select-uncertain --head <the head file>` afterwards")
+    trained = train_distributed(scores, labels, configs[0], workers=workers, join_on=join_on,
+                                ray_address=ray_address, cpus_per_worker=cpus_per_worker, storage_path=train_storage,
+                                storage_options=storage_options)
+    trained.extra.update(labels=labels_path, scored=scores, join_on=join_on, keep_threshold=keep_threshold,
+                         keep_percentile=keep_percentile,
+                         trials=[{"config": dataclasses.asdict(trained.config), "val": trained.metrics["val"]}])
+    record = save_head(trained, out, storage_options)
+    labelled = sum(trained.rows_per_split.values())
+    # Counted from rows, not keys: a key scored twice counts twice here, so this is a lower bound.
+    return TrainReport(record, [trained], labelled, max(0, len(labels) - labelled), None)

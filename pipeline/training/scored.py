@@ -35,7 +35,9 @@ class ScoredDataError(ConfigError):
     """The scored data lacks what was asked for (no rows, no embeddings, a missing column)."""
 
 
-def _data_files(source: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, list[str]]:
+def data_files(source: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, list[str]]:
+    """The source's filesystem and its Parquet files' paths in it: a file, the committed units' files (from the
+    manifests), or every Parquet file under a folder."""
     fs, root = filesystem(source, storage_options)
     if fs.isfile(root):
         return fs, [root]
@@ -48,7 +50,7 @@ def _data_files(source: str, storage_options: Mapping[str, Any] | None) -> tuple
 
 def column_names(source: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Every column in the source's files (schemas only, no data), in first-seen order."""
-    fs, files = _data_files(source, storage_options)
+    fs, files = data_files(source, storage_options)
     names: dict[str, None] = {}
     for path in files:
         names.update(dict.fromkeys(pq.read_schema(path, filesystem=fs).names))
@@ -61,7 +63,7 @@ def read_scored(source: str, columns: Sequence[str], storage_options: Mapping[st
     where they exist. Files whose schemas differ (units scored with other heads) are concatenated with missing
     columns as nulls."""
     wanted = list(dict.fromkeys([schema.KEY, schema.STATUS, *columns, *optional]))
-    fs, files = _data_files(source, storage_options)
+    fs, files = data_files(source, storage_options)
     if not files:
         raise ScoredDataError(f"{source}: no Parquet files (no committed units, and no .parquet under it)")
     tables = []

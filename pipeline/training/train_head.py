@@ -21,10 +21,12 @@ Splits are by a hash of each key (seeded), so an image stays in the same split w
 Training stops when the validation loss has not improved for ``patience`` epochs; the best epoch's weights
 are kept. Metrics are reported on the validation and the untouched test split.
 
-Scale: one trial holds the labelled embeddings in one process (250k AVA images at D=768: 0.8 GB as float32),
-which is what a labelled set of aesthetic ratings needs; :func:`train_many` runs a hyper-parameter grid as
-Ray tasks (the embeddings put into the object store once), which is the part that parallelises. Data-parallel
-training over more labelled rows than fit one machine (Ray Train) is not implemented.
+Scale: one trial here holds the labelled embeddings in one process (250k AVA images at D=768: 0.8 GB as
+float32), which is what a labelled set of aesthetic ratings needs; :func:`train_many` runs a hyper-parameter grid
+as Ray tasks (the embeddings put into the object store once), which is the part that parallelises. For more
+labelled rows than fit one machine, :mod:`pipeline.training.distributed` trains one config data-parallel with
+Ray Train, streaming the embeddings from the scored Parquet files to the workers (never gathered in one
+process); it shares this module's model, objective, conditioning, export and metrics.
 """
 
 from __future__ import annotations
@@ -49,14 +51,13 @@ from pipeline.config import ConfigError
 from pipeline.evaluate import score_metrics
 from pipeline.models.heads import Head, HeadBank, HeadFormat, detect_head_format
 from pipeline.training.labels import AVA_BINARY_THRESHOLD, AVA_VOTE_BINS, LabelKind, LabelTable
+from pipeline.training.splits import SPLIT_NAMES, TEST, TRAIN, VALIDATION, split_assignments  # noqa: F401 (API)
 
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("linear", "mlp", "relu-mlp")
 LOSSES = ("auto", "mse", "l1", "emd", "bce")  # auto: bce for keep/trash labels, else mse
 LAION_HIDDEN = (1024, 128, 64, 16)  # the improved-aesthetic-predictor's widths
-TRAIN, VALIDATION, TEST = 0, 1, 2
-SPLIT_NAMES = {TRAIN: "train", VALIDATION: "val", TEST: "test"}
 RECORD_FORMAT = 1
 _MIN_SIGMA = 0.05  # a vote spread below this is a point mass: EMD gradients vanish
 
@@ -128,19 +129,6 @@ class TrainingSet:
     @property
     def embed_dim(self) -> int:
         return int(self.embeddings.shape[1])
-
-
-def split_assignments(keys: Sequence[str], val_fraction: float, test_fraction: float, seed: int = 0) -> np.ndarray:
-    """TRAIN / VALIDATION / TEST per key, from a seeded hash of the key (stable as the label set grows)."""
-    def uniform(key: str) -> float:
-        digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big") / 2.0 ** 64
-
-    draws = np.fromiter((uniform(str(k)) for k in keys), dtype=np.float64, count=len(keys))
-    split = np.full(len(keys), TRAIN, dtype=np.int8)
-    split[draws < val_fraction + test_fraction] = TEST
-    split[draws < val_fraction] = VALIDATION
-    return split
 
 
 # -- model ---------------------------------------------------------------------------------------
@@ -226,7 +214,9 @@ class _Objective(nn.Module):
         super().__init__()
         self.loss = loss
         self.label_scale = label_scale
-        self.log_sigma = nn.Parameter(torch.tensor(math.log(max(initial_sigma, _MIN_SIGMA))))
+        # Only the EMD loss trains the spread; frozen otherwise, so data-parallel training sees no unused parameter.
+        self.log_sigma = nn.Parameter(torch.tensor(math.log(max(initial_sigma, _MIN_SIGMA))),
+                                      requires_grad=loss == "emd")
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -242,6 +232,61 @@ class _Objective(nn.Module):
         return emd_loss(score_distribution(predictions, self.sigma), votes)
 
 
+class ConditionedHead(nn.Module):
+    """The head as it trains: standardised inputs in, label-unit predictions out, and the training loss.
+
+    Both training paths (here and :mod:`pipeline.training.distributed`) train this module; :meth:`export`
+    folds the conditioning into the head's file format.
+    """
+
+    def __init__(self, head: nn.Module, objective: _Objective, input_mean: torch.Tensor, input_scale: torch.Tensor,
+                 output_mean: float, output_scale: float):
+        super().__init__()
+        self.head = head
+        self.objective = objective
+        self.register_buffer("input_mean", torch.as_tensor(input_mean, dtype=torch.float32))
+        self.register_buffer("input_scale", torch.as_tensor(input_scale, dtype=torch.float32))
+        self.output_mean = float(output_mean)
+        self.output_scale = float(output_scale)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x - self.input_mean) / self.input_scale)[:, 0] * self.output_scale + self.output_mean
+
+    def forward(self, x: torch.Tensor, scores: torch.Tensor, votes: torch.Tensor | None = None) -> torch.Tensor:
+        return self.objective(self.predict(x), scores, votes)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [parameter for parameter in self.parameters() if parameter.requires_grad]
+
+    def export(self) -> dict[str, torch.Tensor]:
+        return export_state_dict(self.head, self.input_mean, self.input_scale, self.output_mean, self.output_scale)
+
+
+def conditioned_head(config: TrainConfig, input_dim: int, input_mean: torch.Tensor, input_scale: torch.Tensor,
+                     output_mean: float, output_scale: float, initial_sigma: float = 1.0) -> ConditionedHead:
+    """An untrained head of ``config``'s architecture with its objective and conditioning."""
+    return ConditionedHead(build_head_module(config, input_dim), _Objective(config.loss, output_scale, initial_sigma),
+                           input_mean, input_scale, output_mean, output_scale)
+
+
+def floored_scale(std: torch.Tensor) -> torch.Tensor:
+    """Per-dimension input scale: the training std, floored so a near-constant dimension cannot blow up."""
+    return std.clamp_min(max(float(std.median()) * 1e-3, 1e-12))
+
+
+def output_conditioning(loss: str, mean: float, std: float) -> tuple[float, float]:
+    """(output_mean, output_scale) for training-split label statistics."""
+    if loss == "bce":
+        return 0.0, 1.0  # the output is a logit: nothing to standardise
+    return float(mean), float(std) or 1.0
+
+
+def vote_spread(votes: torch.Tensor) -> torch.Tensor:
+    """(B,) standard deviation of each row's (B, 10) vote distribution: where the EMD spread starts."""
+    bins = torch.arange(1, AVA_VOTE_BINS + 1, dtype=votes.dtype, device=votes.device)
+    return (votes * (bins - (votes * bins).sum(dim=1, keepdim=True)) ** 2).sum(dim=1).sqrt()
+
+
 # -- training ------------------------------------------------------------------------------------
 
 
@@ -253,7 +298,7 @@ class TrainedHead:
     config: TrainConfig
     embed_dim: int
     label_kind: str
-    split: np.ndarray  # TRAIN / VALIDATION / TEST per training row
+    split: np.ndarray  # TRAIN / VALIDATION / TEST per training row (empty when the rows were never gathered)
     best_epoch: int
     epochs_run: int
     history: list[dict[str, float]]
@@ -261,6 +306,13 @@ class TrainedHead:
     emd_sigma: float | None = None
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # provenance the caller adds (label file, scored source)
+    split_rows: dict[str, int] | None = None  # rows per split, where ``split`` is not kept (distributed runs)
+
+    @property
+    def rows_per_split(self) -> dict[str, int]:
+        if self.split_rows is not None:
+            return dict(self.split_rows)
+        return {name: int((self.split == code).sum()) for code, name in SPLIT_NAMES.items()}
 
     @property
     def head_format(self) -> HeadFormat:
@@ -299,7 +351,7 @@ class TrainedHead:
             "config": dataclasses.asdict(self.config),
             "best_epoch": self.best_epoch,
             "epochs_run": self.epochs_run,
-            "rows": {name: int((self.split == code).sum()) for code, name in SPLIT_NAMES.items()},
+            "rows": self.rows_per_split,
             "metrics": self.metrics,
             "emd_sigma": self.emd_sigma,
             "seconds": round(self.seconds, 2),
@@ -314,33 +366,59 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _check(data: TrainingSet, config: TrainConfig, split: np.ndarray) -> None:
-    if config.loss == "emd" and data.votes is None:
+def resolve_loss(config: TrainConfig, label_kind: str) -> TrainConfig:
+    """``auto`` made concrete: bce for keep/trash labels, mse otherwise."""
+    if config.loss == "auto":
+        return dataclasses.replace(config, loss="bce" if label_kind == LabelKind.BINARY else "mse")
+    return config
+
+
+def check_loss(config: TrainConfig, label_kind: str, has_votes: bool) -> None:
+    """The loss fits the labels."""
+    if config.loss == "emd" and not has_votes:
         raise ConfigError("the emd loss needs vote counts per image (AVA.txt labels); use mse or l1 for scores")
-    if config.loss == "bce" and data.kind != LabelKind.BINARY:
+    if config.loss == "bce" and label_kind != LabelKind.BINARY:
         raise ConfigError("the bce loss needs keep/trash labels: give a keep/trash CSV, or turn scores into "
                           "keep/trash with a threshold or percentile")
-    if config.loss == "emd" and data.kind == LabelKind.BINARY:
+    if config.loss == "emd" and label_kind == LabelKind.BINARY:
         raise ConfigError("keep/trash labels have no vote distribution: use bce (or mse)")
-    counts = {SPLIT_NAMES[code]: int((split == code).sum()) for code in SPLIT_NAMES}
+
+
+def check_split_rows(counts: Mapping[str, int]) -> None:
     if counts["train"] < 2 or counts["val"] < 2:
-        raise ConfigError(f"too few labelled rows to train and validate: {counts} (need >= 2 in train and val)")
+        raise ConfigError(f"too few labelled rows to train and validate: {dict(counts)} "
+                          "(need >= 2 in train and val)")
+
+
+def _check(data: TrainingSet, config: TrainConfig, split: np.ndarray) -> None:
+    check_loss(config, data.kind, data.votes is not None)
+    check_split_rows({SPLIT_NAMES[code]: int((split == code).sum()) for code in SPLIT_NAMES})
     if not np.isfinite(data.embeddings).all() or not np.isfinite(data.scores).all():
         raise ConfigError("training data has non-finite embeddings or labels")
 
 
-def _metrics(predictions: np.ndarray, data: TrainingSet, rows: np.ndarray, config: TrainConfig) -> dict[str, float]:
-    if data.kind == LabelKind.BINARY:
-        return score_metrics(predictions[rows], data.scores[rows], threshold=0.5,
+def split_metrics(predictions: np.ndarray, labels: np.ndarray, label_kind: str,
+                  config: TrainConfig) -> dict[str, float]:
+    """The metrics of one split's predictions (from the head file) against its labels."""
+    if label_kind == LabelKind.BINARY:
+        return score_metrics(predictions, labels, threshold=0.5,
                              prediction_threshold=0.0 if config.loss == "bce" else 0.5)
-    return score_metrics(predictions[rows], data.scores[rows], threshold=config.threshold)
+    return score_metrics(predictions, labels, threshold=config.threshold)
+
+
+def _metrics(predictions: np.ndarray, data: TrainingSet, rows: np.ndarray, config: TrainConfig) -> dict[str, float]:
+    return split_metrics(predictions[rows], data.scores[rows], data.kind, config)
+
+
+def improves(loss: float, best: float) -> bool:
+    """Whether a validation loss beats the best so far (early stopping's test)."""
+    return loss < best - 1e-7 * max(1.0, abs(best))
 
 
 def train_head(data: TrainingSet, config: TrainConfig = TrainConfig()) -> TrainedHead:
     """Train one head on ``data`` (see the module docstring); deterministic for a seed on CPU."""
     started = time.monotonic()
-    if config.loss == "auto":
-        config = dataclasses.replace(config, loss="bce" if data.kind == LabelKind.BINARY else "mse")
+    config = resolve_loss(config, data.kind)
     split = split_assignments(data.keys, config.val_fraction, config.test_fraction, config.seed)
     _check(data, config, split)
     torch.manual_seed(config.seed)
@@ -357,29 +435,18 @@ def train_head(data: TrainingSet, config: TrainConfig = TrainConfig()) -> Traine
 
     # Standardise with training-split statistics only; a near-constant dimension must not blow up.
     input_mean = x[train_rows].mean(dim=0)
-    input_scale = x[train_rows].std(dim=0)
-    input_scale = input_scale.clamp_min(max(float(input_scale.median()) * 1e-3, 1e-12))
-    if config.loss == "bce":
-        output_mean, output_scale = 0.0, 1.0  # the output is a logit: nothing to standardise
-    else:
-        output_mean = float(y[train_rows].mean())
-        output_scale = float(y[train_rows].std()) or 1.0
+    input_scale = floored_scale(x[train_rows].std(dim=0))
+    output_mean, output_scale = output_conditioning(config.loss, float(y[train_rows].mean()),
+                                                    float(y[train_rows].std()))
 
-    head = build_head_module(config, data.embed_dim).to(device)
-    initial_sigma = 1.0
-    if votes is not None:
-        bins = torch.arange(1, AVA_VOTE_BINS + 1, dtype=torch.float32, device=device)
-        spread = (votes * (bins - (votes * bins).sum(dim=1, keepdim=True)) ** 2).sum(dim=1).sqrt()
-        initial_sigma = float(spread[train_rows].mean())
-    objective = _Objective(config.loss, output_scale, initial_sigma).to(device)
-    parameters = list(head.parameters()) + ([objective.log_sigma] if config.loss == "emd" else [])
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-
-    def predict(rows: torch.Tensor) -> torch.Tensor:
-        return head((x[rows] - input_mean) / input_scale)[:, 0] * output_scale + output_mean
+    initial_sigma = float(vote_spread(votes)[train_rows].mean()) if votes is not None else 1.0
+    model = conditioned_head(config, data.embed_dim, input_mean, input_scale, output_mean, output_scale,
+                             initial_sigma).to(device)
+    head, objective = model.head, model.objective
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     def loss_of(rows: torch.Tensor) -> torch.Tensor:
-        return objective(predict(rows), y[rows], votes[rows] if votes is not None else None)
+        return model(x[rows], y[rows], votes[rows] if votes is not None else None)
 
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     best_loss, best_epoch, best_state, stale_epochs = math.inf, 0, None, 0
@@ -400,7 +467,7 @@ def train_head(data: TrainingSet, config: TrainConfig = TrainConfig()) -> Traine
         with torch.no_grad():
             val_loss = float(loss_of(val_rows))
         history.append({"epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss})
-        if best_state is None or val_loss < best_loss - 1e-7 * max(1.0, abs(best_loss)):
+        if best_state is None or improves(val_loss, best_loss):
             best_loss, best_epoch, stale_epochs = val_loss, epoch, 0
             best_state = (copy.deepcopy(head.state_dict()), float(objective.sigma.detach()))
         else:
@@ -410,7 +477,7 @@ def train_head(data: TrainingSet, config: TrainConfig = TrainConfig()) -> Traine
     head.load_state_dict(best_state[0])
     head.eval()
 
-    state_dict = export_state_dict(head, input_mean, input_scale, output_mean, output_scale)
+    state_dict = model.export()
     trained = TrainedHead(state_dict, config, data.embed_dim, data.kind, split, best_epoch, epoch, history, {},
                           emd_sigma=best_state[1] if config.loss == "emd" else None)
     predictions = trained.predict(data.embeddings)
@@ -447,8 +514,9 @@ def train_many(data: TrainingSet, configs: Sequence[TrainConfig], use_ray: bool 
     if use_ray:
         import ray
 
-        if not ray.is_initialized():
-            ray.init(address=ray_address, log_to_driver=False)
+        from pipeline.training.distributed import connect_ray
+
+        connect_ray(ray_address)
         data_ref = ray.put(data)
         # Ray sets OMP_NUM_THREADS to the task's CPUs, so torch in each trial keeps to its share.
         task = ray.remote(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial)(train_head)
