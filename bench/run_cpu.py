@@ -425,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-shard", type=int, default=100, help="samples per shard (4 in all are failed URLs)")
     parser.add_argument("--image-size", type=int, default=256, help="img2dataset's short side, px")
     parser.add_argument("--scale", type=int, default=10, help="the large input is this many copies of the 1x")
-    parser.add_argument("--batch-size", type=int, default=64, help="decode and embed batch size, everywhere")
+    parser.add_argument("--batch-size", type=int, default=256, help="decode and embed batch size, everywhere")
     parser.add_argument("--repeats", type=int, default=2, help="timed end-to-end runs at 1x per side (best kept)")
     parser.add_argument("--resources", default="{}",
                         help="JSON of ResourcesConfig overrides for the Ray runs, e.g. '{\"cpus_per_actor\": 0.5}'")

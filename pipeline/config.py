@@ -122,7 +122,7 @@ class DecodeConfig:
     fast: bool = True  # JPEG DCT-domain downscaling (Image.draft) before the exact resize
     max_pixels: int = 89_478_485  # Pillow's own bomb limit; larger images get status image_too_large
     apply_exif_orientation: bool = True
-    batch_size: int = 64
+    batch_size: int = 256  # rows per decode task and block: one embed batch, fewer blocks for Ray to move
     quality_metrics: bool = False  # sharpness / exposure / contrast / colourfulness columns
 
     def __post_init__(self) -> None:
