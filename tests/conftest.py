@@ -1,8 +1,7 @@
 """Shared fixtures: a sample dataset built by img2dataset, and a local S3 (moto_server) on 127.0.0.1.
 
-Tests that use these fixtures (and tests marked ``slow``) are marked ``integration``
-automatically, so ``pytest -m "not integration"`` runs only the tests that need no img2dataset,
-server or Ray. ``slow`` tests are skipped unless ``--run-slow`` is given.
+Tests that use these fixtures are marked ``integration`` automatically, so
+``pytest -m "not integration"`` runs only the tests that need no img2dataset, server or Ray.
 """
 
 from __future__ import annotations
@@ -31,25 +30,10 @@ INTEGRATION_FIXTURES = frozenset(
 )
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--run-slow", action="store_true", default=False,
-                     help="also run tests marked slow (tens of seconds each: spawned img2dataset workers)")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # Declared here, not in pyproject.toml, because only these fixtures and their tests use it.
-    config.addinivalue_line("markers", "slow: takes tens of seconds; skipped unless --run-slow")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    skip_slow = pytest.mark.skip(reason="slow: run with --run-slow")
     for item in items:
         if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
-        if item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.integration)
-            if not config.getoption("--run-slow"):
-                item.add_marker(skip_slow)
 
 
 # Sample dataset ------------------------------------------------------------------------------

@@ -68,3 +68,14 @@ def write_scored(folder: pathlib.Path, keys: list[str], embeddings: np.ndarray, 
     band.mkdir(parents=True, exist_ok=True)
     pq.write_table(to_output_table(batch), band / "u00000.parquet")
     return folder
+
+
+def planted_set(rows: int, dim: int) -> dict[str, np.ndarray]:
+    """``rows`` unit embeddings of ``dim`` dimensions, their planted score (``truth``), AVA-style ``votes``
+    drawn around it and the votes' ``means``; ``stored`` is the embeddings as a scored output holds them (fp16)."""
+    embeddings = unit_vectors(rows, dim)
+    truth = planted_scores(embeddings)
+    votes = ava_votes(truth)
+    return dict(keys=np.asarray(keys_for(rows), dtype=object), embeddings=embeddings, truth=truth, votes=votes,
+                means=votes @ np.arange(1, 11) / votes.sum(axis=1),
+                stored=embeddings.astype(np.float16).astype(np.float32))

@@ -36,12 +36,7 @@ def prompt_ray_train(monkeypatch):
 
 @pytest.fixture(scope="module")
 def planted() -> dict[str, np.ndarray]:
-    embeddings = synthetic.unit_vectors(ROWS, DIM)
-    truth = synthetic.planted_scores(embeddings)
-    votes = synthetic.ava_votes(truth)
-    return dict(keys=np.asarray(synthetic.keys_for(ROWS), dtype=object), embeddings=embeddings, truth=truth,
-                votes=votes, means=votes @ np.arange(1, 11) / votes.sum(axis=1),
-                stored=embeddings.astype(np.float16).astype(np.float32))  # what the scored output holds
+    return synthetic.planted_set(ROWS, DIM)
 
 
 @pytest.fixture(scope="module")

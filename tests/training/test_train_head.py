@@ -48,11 +48,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def planted() -> dict[str, np.ndarray]:
-    embeddings = synthetic.unit_vectors(ROWS, DIM)
-    truth = synthetic.planted_scores(embeddings)
-    votes = synthetic.ava_votes(truth)
-    return dict(keys=np.asarray(synthetic.keys_for(ROWS), dtype=object), embeddings=embeddings, truth=truth,
-                votes=votes, means=votes @ np.arange(1, 11) / votes.sum(axis=1))
+    return synthetic.planted_set(ROWS, DIM)
 
 
 def _data(planted, binary: bool = False) -> TrainingSet:
