@@ -1,6 +1,6 @@
 """`make bench`: the CPU figures of the scoring job, all on the same img2dataset-made shards.
 
-    .venv/bin/python -m bench.run_cpu [--shards 8] [--per-shard 100] [--scale 10] [--batch-size 64]
+    .venv/bin/python -m bench.run_cpu [--shards 8] [--per-shard 100] [--scale 10] [--batch-size 256]
 
 Measured with the tiny random-weight model (tiny-random, fp32) and one batch size throughout:
 
@@ -47,7 +47,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench-output" / "cpu"
-SHARED_HEADS = ROOT.parent / "shared" / "reference" / "laion-aesthetics" / "heads"
 BROKEN_URLS = 3  # build_sample_dataset's default failures: 3 URLs that 404 + 1 text body
 NON_IMAGE = 1
 RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # per-node daemons, named like workers
@@ -105,16 +104,10 @@ def fresh_output(name: str) -> str:
 
 def make_config(inputs: str, output: str, batch_size: int, **resources: Any):
     """The integration tests' set-up: tiny-random fp32, the real LAION V2 head when ../shared has it."""
-    from pipeline.config import DEFAULT_HEAD, KNOWN_HEADS, DecodeConfig, HeadSpec, ModelConfig, \
-        ResourcesConfig, ScoreConfig, WeightsSpec
+    from pipeline.config import DecodeConfig, ModelConfig, ResourcesConfig, ScoreConfig
+    from pipeline.demo import v2_head_or_stand_in
 
-    if (SHARED_HEADS / "sac+logos+ava1-l14-linearMSE.pth").exists():
-        heads, weights_dirs = (KNOWN_HEADS[DEFAULT_HEAD],), (str(SHARED_HEADS),)
-    else:
-        from pipeline.demo import _random_v2_head
-
-        path, digest = _random_v2_head(OUT / "heads")
-        heads, weights_dirs = (HeadSpec("random-v2", WeightsSpec(path, digest)),), ()
+    heads, weights_dirs = v2_head_or_stand_in(OUT / "heads")
     return ScoreConfig(
         input=(inputs,), output=output, model=ModelConfig(name="tiny-random", precision="fp32"),
         heads=heads, weights_dirs=weights_dirs, decode=DecodeConfig(batch_size=batch_size),

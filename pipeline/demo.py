@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from pipeline import cli
-from pipeline.config import DEFAULT_HEAD, KNOWN_HEADS
+from pipeline.config import DEFAULT_HEAD, KNOWN_HEADS, HeadSpec, WeightsSpec
 from pipeline.sample_data import build_sample_dataset
 
 # Where the product's own checkout keeps the reference head files (absent elsewhere).
@@ -32,7 +32,7 @@ def _default_weights_available(pretrained: str | None) -> bool:
     return bool(pretrained) or HF_CACHE_OPENAI_L14.exists()
 
 
-def _random_v2_head(folder: Path) -> tuple[str, str]:
+def random_v2_head(folder: Path) -> tuple[str, str]:
     """A seeded random head in the V2 file format, for machines that have no real head file."""
     from pipeline.models.weights import sha256_of
 
@@ -47,6 +47,15 @@ def _random_v2_head(folder: Path) -> tuple[str, str]:
     path = folder / "random-v2-head.pth"
     torch.save(state, path)
     return str(path), sha256_of(path)
+
+
+def v2_head_or_stand_in(scratch: Path) -> tuple[tuple[HeadSpec, ...], tuple[str, ...]]:
+    """(heads, weights_dirs): the real LAION V2 head from ../shared when it is there, else a seeded random
+    head in its format written under ``scratch``. What tests and benchmarks score with."""
+    if (SHARED_HEADS / "sac+logos+ava1-l14-linearMSE.pth").exists():
+        return (KNOWN_HEADS[DEFAULT_HEAD],), (str(SHARED_HEADS),)
+    path, digest = random_v2_head(scratch)
+    return (HeadSpec("random-v2", WeightsSpec(path, digest)),), ()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (SHARED_HEADS / KNOWN_HEADS[DEFAULT_HEAD].weights.uri.rsplit("/", 1)[-1].replace("%2B", "+")).exists():
         score_args += ["--weights-dir", str(SHARED_HEADS)]
     elif "--model" in score_args:
-        path, digest = _random_v2_head(out / "weights")
+        path, digest = random_v2_head(out / "weights")
         print(f"no LAION head file here: using a seeded random V2-format head ({path})", file=sys.stderr)
         score_args += ["--head", f"{path},sha256={digest}"]
     print("running: aesthetics " + " ".join(score_args), flush=True)

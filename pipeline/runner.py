@@ -64,6 +64,21 @@ def committed_shards_per_unit(manifests: Mapping[str, Mapping[str, Any]]) -> int
     return sizes.pop() if sizes else None
 
 
+STALE = "scored with another model or head"
+
+
+def pending_reason(unit: WorkUnit, manifest: Mapping[str, Any] | None, key: str | None) -> str | None:
+    """Why ``unit`` needs scoring (None: its manifest is current). A reason starting with STALE needs
+    --rescore; ``key=None`` accepts any model."""
+    if manifest is None:
+        return "new"
+    if not unit.matches(manifest["shards"]):
+        return "shards added or changed"
+    if key is not None and manifest.get("model_key") != key:
+        return f"{STALE}: {manifest.get('model_key')}"
+    return None
+
+
 def plan_run(config: ScoreConfig, manifests: Mapping[str, Mapping[str, Any]] | None = None) -> Plan:
     if manifests is None:
         manifests = read_manifests(config.output, config.storage_options)
@@ -76,21 +91,14 @@ def plan_run(config: ScoreConfig, manifests: Mapping[str, Mapping[str, Any]] | N
     key = model_key(config)
     plan = Plan(units, shards_per_unit, [], [], [], {})
     for unit in units:
-        manifest = manifests.get(unit.unit_id)
-        if manifest is None:
-            plan.pending.append(unit)
-            plan.reasons[unit.unit_id] = "new"
-        elif not unit.matches(manifest["shards"]):
-            plan.pending.append(unit)
-            plan.reasons[unit.unit_id] = "shards added or changed"
-        elif manifest.get("model_key") != key:
-            if config.rescore:
-                plan.pending.append(unit)
-                plan.reasons[unit.unit_id] = f"rescore: was {manifest.get('model_key')}"
-            else:
-                plan.stale.append(unit.unit_id)
-        else:
+        why = pending_reason(unit, manifests.get(unit.unit_id), key)
+        if why is None:
             plan.done.append(unit.unit_id)
+        elif why.startswith(STALE) and not config.rescore:
+            plan.stale.append(unit.unit_id)
+        else:
+            plan.pending.append(unit)
+            plan.reasons[unit.unit_id] = why
     return plan
 
 

@@ -14,7 +14,7 @@ from pipeline.io import layout
 from pipeline.io.manifests import read_manifests
 from pipeline.io.shards import plan_units, list_shards
 from pipeline.io.storage import filesystem, join, read_json
-from pipeline.runner import committed_shards_per_unit
+from pipeline.runner import STALE, committed_shards_per_unit, pending_reason
 
 
 @dataclass
@@ -73,11 +73,7 @@ def unit_status(output: str, inputs: Sequence[str] | None = None, model_key: str
         per_unit = (shards_per_unit or committed_shards_per_unit(manifests)
                     or (runs[-1].get("shards_per_unit") if runs else None) or 4)
         for unit in plan_units(list_shards(report.input, storage_options), per_unit):
-            manifest = manifests.get(unit.unit_id)
-            if manifest is None:
-                report.pending[unit.unit_id] = "new"
-            elif not unit.matches(manifest["shards"]):
-                report.pending[unit.unit_id] = "shards added or changed"
-            elif key and manifest["model_key"] != key:
-                report.pending[unit.unit_id] = f"scored with {manifest['model_key']}: needs --rescore"
+            why = pending_reason(unit, manifests.get(unit.unit_id), key)
+            if why is not None:
+                report.pending[unit.unit_id] = why + (" (needs --rescore)" if why.startswith(STALE) else "")
     return report

@@ -23,14 +23,13 @@ from pipeline.analysis import duckdb_relation, fetch_image, open_scores, score_f
 from pipeline.analysis.select import (
     MissingEmbeddings, SelectOptions, embed_query, mean_pairwise_distance, read_selection, select_images,
 )
-from pipeline.config import DEFAULT_HEAD, KNOWN_HEADS, DecodeConfig, HeadSpec, ModelConfig, ResourcesConfig, \
-    ScoreConfig, WeightsSpec
+from pipeline.config import DecodeConfig, HeadSpec, ModelConfig, ResourcesConfig, ScoreConfig, WeightsSpec
+from pipeline.demo import v2_head_or_stand_in
 from pipeline.io.manifests import read_manifests
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED_HEADS = REPO.parent / "shared" / "reference" / "laion-aesthetics" / "heads"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -58,13 +57,7 @@ def scored(sample_dataset, ray_local, tmp_path_factory) -> str:
     """The sample dataset scored once, embeddings written; returns the output prefix."""
     from pipeline.runner import run_score
 
-    if (SHARED_HEADS / "sac+logos+ava1-l14-linearMSE.pth").exists():
-        heads, weights_dirs = (KNOWN_HEADS[DEFAULT_HEAD],), (str(SHARED_HEADS),)
-    else:
-        from pipeline.demo import _random_v2_head
-
-        path, digest = _random_v2_head(tmp_path_factory.mktemp("heads"))
-        heads, weights_dirs = (HeadSpec("random-v2", WeightsSpec(path, digest)),), ()
+    heads, weights_dirs = v2_head_or_stand_in(tmp_path_factory.mktemp("heads"))
     output = str(tmp_path_factory.mktemp("analysis") / "scores")
     config = ScoreConfig(
         input=(sample_dataset.shards_dir,), output=output, model=ModelConfig(name="tiny-random", precision="fp32"),
@@ -295,13 +288,13 @@ def test_prompt_scores_and_quality_metrics_are_written_by_the_job(sample_dataset
     """`score --prompts default --quality-metrics` on a local Ray: one float32 column per default prompt set and
     per quality metric lands in the committed Parquet, finite on every ok row, and the prompt scores are what
     the shipped prompt sets give on the stored embeddings (the stage tests check the arithmetic itself)."""
-    from pipeline.demo import _random_v2_head
+    from pipeline.demo import random_v2_head
     from pipeline.models.clip import load_clip
     from pipeline.models.prompts import PromptBank, load_prompt_sets
     from pipeline.quality import QUALITY_COLUMNS
     from pipeline.runner import run_score
 
-    path, digest = _random_v2_head(tmp_path / "heads")
+    path, digest = random_v2_head(tmp_path / "heads")
     output = str(tmp_path / "scores")
     config = ScoreConfig(
         input=(sample_dataset.shards_dir,), output=output, model=ModelConfig(name="tiny-random", precision="fp32"),

@@ -9,11 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import DEFAULT_HEAD, KNOWN_HEADS, DecodeConfig, HeadSpec, ModelConfig, ResourcesConfig, \
-    ScoreConfig, WeightsSpec
-
-SHARED_HEADS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "laion-aesthetics" / "heads"
-
+from pipeline.config import DecodeConfig, HeadSpec, ModelConfig, ResourcesConfig, ScoreConfig
 
 @dataclass(frozen=True)
 class Scoring:
@@ -34,12 +30,9 @@ class Scoring:
 @pytest.fixture(scope="session")
 def scoring(tmp_path_factory) -> Scoring:
     """The real LAION V2 head from ../shared when present, else a seeded random head in its format."""
-    if (SHARED_HEADS / "sac+logos+ava1-l14-linearMSE.pth").exists():
-        return Scoring((KNOWN_HEADS[DEFAULT_HEAD],), (str(SHARED_HEADS),))
-    from pipeline.demo import _random_v2_head
+    from pipeline.demo import v2_head_or_stand_in
 
-    path, digest = _random_v2_head(tmp_path_factory.mktemp("heads"))
-    return Scoring((HeadSpec("random-v2", WeightsSpec(path, digest)),), ())
+    return Scoring(*v2_head_or_stand_in(tmp_path_factory.mktemp("heads")))
 
 
 def rewrite_tar(source: str | Path, target: str | Path, replace: dict[str, bytes] | None = None,
