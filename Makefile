@@ -34,6 +34,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration"
 
 bench: install
+	$(BIN)/python -m bench.bench_decode
 	$(BIN)/python -m bench.run_cpu
 
 bench-gpu: install

@@ -119,7 +119,9 @@ class ModelConfig:
 class DecodeConfig:
     """CPU decode: bytes to a square uint8 image the model's preprocess would produce."""
 
-    fast: bool = True  # JPEG DCT-domain downscaling (Image.draft) before the exact resize
+    # libjpeg-turbo through simplejpeg, DCT-domain downscaling of large JPEGs, torch's SIMD resampling;
+    # False: Pillow all the way (the reference's own code, several times slower)
+    fast: bool = True
     max_pixels: int = 89_478_485  # Pillow's own bomb limit; larger images get status image_too_large
     apply_exif_orientation: bool = True
     batch_size: int = 256  # rows per decode task and block: one embed batch, fewer blocks for Ray to move

@@ -631,6 +631,7 @@ def build_sample_dataset(
     processes_count: int = 1,
     storage_options: dict | None = None,
     overwrite: bool = True,
+    resize_only_if_bigger: bool = True,
 ) -> SampleDataset:
     """Photos -> HTTP on 127.0.0.1 -> URL list -> img2dataset -> shards, all under ``out_dir``.
 
@@ -641,6 +642,8 @@ def build_sample_dataset(
     came through and every broken URL failed, so a test never runs on a half-built sample.
     ``overwrite`` first removes what an earlier build left (photos/, urls.parquet, and the
     img2dataset files in the shards folder, nothing else), so ``make demo`` can run twice.
+    ``resize_only_if_bigger=False`` has img2dataset upscale small photos too, so every image's
+    shortest side is ``image_size`` (benchmarks that want one size).
     """
     import fsspec
     import pyarrow.parquet as pq
@@ -657,8 +660,8 @@ def build_sample_dataset(
         write_url_list(photos, base_url, url_list, broken_urls, non_image=non_image)
         tar_paths = build_shards(
             url_list, shards_dir, number_sample_per_shard=images_per_shard, image_size=image_size,
-            thread_count=thread_count, in_process=in_process, processes_count=processes_count,
-            storage_options=storage_options,
+            resize_only_if_bigger=resize_only_if_bigger, thread_count=thread_count, in_process=in_process,
+            processes_count=processes_count, storage_options=storage_options,
         )
     # The server's port is gone now: nothing downstream may depend on the URLs being live.
 

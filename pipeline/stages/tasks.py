@@ -1,8 +1,9 @@
 """The stateless CPU stages as the plain functions Ray Data runs in its tasks.
 
 Ray pickles a function by reference, so a task worker imports the function's module. Keeping these
-out of graph.py (which imports the embed stage, hence torch and open_clip) keeps every read, decode
-and staging worker about 500 MiB smaller: they never import torch.
+out of graph.py (which imports the embed stage, hence torch and open_clip) keeps the task workers from
+loading open_clip and the model. Decoding loads torch (about 550 MiB) for its resize kernel, on the first
+image it resizes; a worker that only reads or stages never does.
 """
 
 from __future__ import annotations
