@@ -42,6 +42,7 @@ def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
     image_size, interpolation = image_geometry(config.model)
 
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one read task per shard
+    ds.context.op_resource_reservation_enabled = resources.reserve_per_operator  # derived datasets copy it
     ds = ds.map_batches(
         read_shard, fn_kwargs={"storage_options": storage, "rows_per_batch": config.decode.batch_size},
         batch_size=1, batch_format="numpy", num_cpus=1, concurrency=resources.read_concurrency,
