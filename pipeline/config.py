@@ -151,11 +151,12 @@ class ResourcesConfig:
     # when that is not given. Measure it: decode images/s per CPU against model images/s per GPU.
     decode_cpus_per_actor: float | None = None
     read_concurrency: int | None = None
-    # Ray Data's per-operator resource reservation (DataContext.op_resource_reservation_enabled), on by
-    # default as in Ray. It sets aside CPUs for every operator, staging's included, even while one is idle:
-    # on 2 CPUs decode ran at half duty. Off, the bench's 80-shard run took 21 s instead of 26.5 s, but
-    # the job's peak RSS grew with the input (3.9 / 5.3 / 6.1 GiB at 8 / 80 / 240 shards; on: 3.9 / 4.5).
-    reserve_per_operator: bool = True
+    # Ray Data's per-operator resource reservation (DataContext.op_resource_reservation_enabled). It sets
+    # aside CPUs for every operator, staging's included, even while one is idle: on 2 CPUs decode could
+    # run only half the time (bench: 80 / 800 shards in 25.7 / 196 s with it, 21.0 / 138 s without).
+    # Without it decode runs further ahead of the model, still bounded by Ray Data's downstream-capacity
+    # backpressure: peak RSS 4.5 -> 5.4 GiB at 80 shards, 5.8 GiB at 800 (flat), BENCHMARKS.md.
+    reserve_per_operator: bool = False
 
     def __post_init__(self) -> None:
         _require(self.embed_batch_size > 0, "embed_batch_size must be positive")
