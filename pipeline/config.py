@@ -154,8 +154,9 @@ class ResourcesConfig:
     # Ray Data's per-operator resource reservation (DataContext.op_resource_reservation_enabled). It sets
     # aside CPUs for every operator, staging's included, even while one is idle: on 2 CPUs decode could
     # run only half the time (bench: 80 / 800 shards in 25.7 / 196 s with it, 21.0 / 138 s without).
-    # Without it decode runs further ahead of the model, still bounded by Ray Data's downstream-capacity
-    # backpressure: peak RSS 4.5 -> 5.4 GiB at 80 shards, 5.8 GiB at 800 (flat), BENCHMARKS.md.
+    # Without it decode runs further ahead of the model, still held back by Ray Data's downstream-capacity
+    # backpressure: peak RSS 4.5 -> 5.4 GiB at 80 shards; at 800, private memory flat, object store
+    # pages touched up 1.07-1.25x (BENCHMARKS.md).
     reserve_per_operator: bool = False
 
     def __post_init__(self) -> None:
