@@ -40,8 +40,8 @@ Pillow's resampling about 50%):
   does all the reduction (shortest side just above 448, 896, 1792 for S=224), about 0.016 when bicubic still
   reduces by 1.25x, 0.011 at 1.5x, 0.006 at 2x. Hence ``DRAFT_MARGIN = 1.25``: the largest DCT reduction
   that keeps the shortest side >= 1.25 S, so nothing under 560 px is reduced. img2dataset's 256 and 512 px
-  shards therefore get the reference's pixels on the fast path too, about 2.5x faster per core
-  (bench/bench_decode.py prints the figures and the MAD).
+  shards therefore get the reference's pixels on the fast path too, 2.3-3.2x faster per core than the
+  reference (bench/bench_decode.py prints the figures and the MAD).
 
 Deliberate differences from the reference (each one tested)
 -----------------------------------------------------------
@@ -304,7 +304,8 @@ def decode_square(
 
 def _draft(image: JpegImagePlugin.JpegImageFile, box: tuple[float, float, float, float], size: int,
            draft_margin: float) -> tuple[float, float, float, float]:
-    """Ask libjpeg for the DCT reduction :func:`dct_reduction` allows; return ``box`` in the reduced frame."""
+    """Ask libjpeg for a DCT reduction (Pillow's rule, the same as :func:`dct_reduction`); return ``box`` in the
+    reduced frame."""
     least_side = math.ceil(size * draft_margin)  # Pillow picks the largest 1/8, 1/4, 1/2 keeping both sides >= it
     drafted = image.draft("RGB", (least_side, least_side))
     if drafted is None:
