@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from bench.table import text_table
 from pipeline import schema
 from pipeline.config import PRECISIONS, HeadSpec, ModelConfig, WeightsSpec
 from pipeline.models.clip import LoadedClip, build_random_init_clip_for_benchmark, load_clip
@@ -114,11 +115,8 @@ _COLUMNS = (("model", "{}"), ("device", "{}"), ("precision", "{}"), ("compiled",
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    cells = [[name for name, _ in _COLUMNS]] + [[fmt.format(row[name]) for name, fmt in _COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in cells]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    header = [name for name, _ in _COLUMNS]
+    return text_table(header, [[fmt.format(row[name]) for name, fmt in _COLUMNS] for row in rows])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

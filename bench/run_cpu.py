@@ -47,6 +47,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from bench.table import text_table
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench-output" / "cpu"
 BROKEN_URLS = 3  # build_sample_dataset's default failures: 3 URLs that 404 + 1 text body
@@ -407,15 +409,6 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
-def format_table(rows: Sequence[tuple[str, str, str, str]]) -> str:
-    header = ("figure", "value", "goal", "result")
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(4)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
-
-
 def marginal_rate(images_small: int, seconds_small: float, images_large: int, seconds_large: float) -> float | None:
     """Images/s of the extra work between two runs: the rate with each run's fixed cost taken out."""
     extra = seconds_large - seconds_small
@@ -576,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"shards_per_unit 4; Ray: num_cpus=2, resources "
           f"{'as configured by default' if not resources else resources}")
     print()
-    print(format_table(rows))
+    print(text_table(("figure", "value", "goal", "result"), rows, numbers_right=False))
     print()
     print("timed runs, seconds (load average when each started):")
     for n in threads_options:

@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from bench.table import text_table
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench-output" / "gpu"
 SHARED_HEADS = ROOT.parent / "shared" / "reference" / "laion-aesthetics" / "heads"
@@ -319,17 +321,9 @@ def end_to_end(args: argparse.Namespace, device: str) -> tuple[list[dict[str, An
 
 # Report ----------------------------------------------------------------------------------------
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
-    lines = ["  ".join(str(c).rjust(w) for c, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
-
-
 def model_table(rows: Sequence[dict[str, Any]]) -> str:
     header = ("model", "precision", "compiled", "batch", "images/s", "ms/batch", "heads ms", "heads share")
-    return format_table(header, [
+    return text_table(header, [
         (r["name"], r["precision"], "yes" if r["compiled"] else "no", r["batch_size"], f"{r['images_per_s']:,.0f}",
          f"{r['ms_per_batch']:.1f}", f"{r['heads_ms_per_batch']:.3f}", f"{r['heads_fraction']:.2%}") for r in rows])
 
@@ -358,7 +352,7 @@ def e2e_table(e2e_rows: Sequence[dict[str, Any]], model_rows: Sequence[dict[str,
                      f"{steady:,.0f}" if steady else "-", f"{m:,.0f}" if m else "-", f"{r['images_per_s'] / m:.2f}x" if m else "-",
                      f"{r['gpu_util']:.0f}%" if r.get("gpu_util") is not None else "n/a",
                      f"{info['decode_capacity']:,.0f}", bound_by(r, m, info)))
-    return format_table(header, rows)
+    return text_table(header, rows)
 
 
 def machine_line(device: str) -> str:

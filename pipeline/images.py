@@ -23,8 +23,8 @@ Two paths to the same pixels
   levels). A single box resize would let Pillow pick the order from the crop's size instead. Result: equal to
   the reference but for a 1-level difference on well under 1% of values (box edges are C floats in Pillow).
 
-``fast=True`` (the default), where most of the time goes (per core, 256-512 px JPEGs: decode about 45%,
-Pillow's resampling about 50%):
+``fast=True`` (the default), where most of the time goes (per core, 256-512 px JPEGs: decode and Pillow's
+resampling about half each):
 
 * JPEGs are decoded by libjpeg-turbo through simplejpeg, straight into a numpy array: Pillow's pixels
   exactly, a quarter to a third faster (Pillow decodes into its own 4-byte-per-pixel buffer, then copies).
@@ -304,13 +304,14 @@ def decode_square(
 
 def _draft(image: JpegImagePlugin.JpegImageFile, box: tuple[float, float, float, float], size: int,
            draft_margin: float) -> tuple[float, float, float, float]:
-    """Ask libjpeg for a DCT reduction (Pillow's rule, the same as :func:`dct_reduction`); return ``box`` in the
-    reduced frame."""
-    least_side = math.ceil(size * draft_margin)  # Pillow picks the largest 1/8, 1/4, 1/2 keeping both sides >= it
-    drafted = image.draft("RGB", (least_side, least_side))
+    """Ask libjpeg for the DCT reduction :func:`dct_reduction` picks; return ``box`` in the reduced frame."""
+    width, height = image.size
+    reduction = dct_reduction(width, height, size, draft_margin)
+    # Pillow takes the largest of 8, 4, 2, 1 up to min(width // asked, height // asked): exactly ``reduction``.
+    drafted = image.draft("RGB", (width // reduction, height // reduction)) if reduction > 1 else None
     if drafted is None:
         return box
-    dct_scale = image.size[0] / drafted[1][2]
+    dct_scale = width / drafted[1][2]
     return tuple(edge / dct_scale for edge in box)
 
 

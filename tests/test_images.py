@@ -171,6 +171,17 @@ def test_a_recoverable_jpeg_glitch_decodes_as_pillow_decodes_it():
     assert np.array_equal(decode(glitched, fast=True), decode(glitched))  # Pillow's decode and resize
 
 
+def test_a_large_jpeg_pillow_decodes_is_reduced_by_the_same_rule():
+    """The Pillow fallback of the fast path asks libjpeg for the same DCT reduction as simplejpeg gets."""
+    data = photo_jpeg("chelsea", 2 * LEAST_SIDE + 8)
+    glitched = data[:20_000] + bytes(100) + data[20_100:]
+    with pytest.raises(ValueError, match="Corrupt JPEG data"):
+        simplejpeg.decode_jpeg(glitched)
+    pixels, reference = decode(glitched, fast=True), reference_tensor(glitched)
+    assert not np.array_equal(pixels, decode(glitched))  # reduced, unlike the Pillow path without fast
+    assert np.abs(normalise(pixels) - reference).mean() < FAST_MAD_TARGET
+
+
 @both_paths
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 def test_other_output_sizes_and_interpolations(fast, interpolation):
