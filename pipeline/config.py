@@ -158,6 +158,12 @@ class ResourcesConfig:
     # backpressure: peak RSS 4.5 -> 5.4 GiB at 80 shards; at 800, private memory flat, object store
     # pages touched up 1.07-1.25x (BENCHMARKS.md).
     reserve_per_operator: bool = False
+    # torch threads in each embed actor that runs on CPU. None: the node's Ray CPUs shared among max_actors.
+    # On CPU the model is the slow stage and decode leaves its cores idle much of the time; the actor's
+    # OpenMP threads wait passively, so a decode task on the same core gets it back at once (bench, 2 CPUs:
+    # 80 shards in 17.1 s against 19.4 s with one thread, BENCHMARKS.md). GPU actors keep Ray's default
+    # (OMP_NUM_THREADS = their num_cpus).
+    cpu_threads_per_actor: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.embed_batch_size > 0, "embed_batch_size must be positive")
@@ -166,7 +172,7 @@ class ResourcesConfig:
         _require(self.gpus_per_actor is None or self.gpus_per_actor >= 0, "gpus_per_actor must be >= 0")
         _require(self.cpus_per_actor >= 0 and self.decode_cpus > 0, "CPU requests must be positive")
         _require(self.memory_per_actor_gb > 0, "memory_per_actor_gb must be positive")
-        for name in ("decode_concurrency", "read_concurrency"):
+        for name in ("decode_concurrency", "read_concurrency", "cpu_threads_per_actor"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"{name} must be >= 1, got {value}")
         _require(self.decode_cpus_per_actor is None or self.decode_cpus_per_actor >= self.decode_cpus,

@@ -9,7 +9,8 @@ only the model holder is an actor, loaded once per actor.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import ray
 
@@ -32,6 +33,21 @@ def gpus_per_actor(config: ScoreConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def node_cpu_share(actors: int) -> int:
+    """This node's Ray CPUs divided among ``actors``, at least one. Runs inside the actor, on its node."""
+    node_id = ray.get_runtime_context().get_node_id()
+    cpus = next(node["Resources"].get("CPU", 1.0) for node in ray.nodes() if node["NodeID"] == node_id)
+    return max(1, int(cpus // actors))
+
+
+def cpu_actor_threads(config: ScoreConfig) -> int | Callable[[], int]:
+    """torch threads for an embed actor on CPU: explicit, else its node's share (see ResourcesConfig)."""
+    resources = config.resources
+    if resources.cpu_threads_per_actor is not None:
+        return resources.cpu_threads_per_actor
+    return functools.partial(node_cpu_share, resources.max_actors)
+
+
 def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
                   embed_loader: Any = None) -> ray.data.Dataset:
     """The whole pipeline as one lazy Dataset of per-(unit, shard) stats rows."""
@@ -40,6 +56,10 @@ def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
     items = [{"unit": u.unit_id, "name": s.name, "tar": s.tar or "", "sidecar": s.sidecar or ""}
              for u in units for s in u.shards]
     image_size, interpolation = image_geometry(config.model)
+    gpus = gpus_per_actor(config)
+    # A CPU actor runs more threads than its num_cpus: they must yield a shared core, not spin on it.
+    # libgomp reads OMP_WAIT_POLICY once, when torch loads, so it is set for the actor's process.
+    actor_env = {} if gpus else {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}
 
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one read task per shard
     ds.context.op_resource_reservation_enabled = resources.reserve_per_operator  # derived datasets copy it
@@ -62,10 +82,11 @@ def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
             "search_dirs": config.weights_dirs, "storage_options": storage, "loader": embed_loader,
             # Parsed here, so a bad prompt file fails before Ray starts and nodes need no copy of it.
             "prompts": load_prompt_sets(config.prompts, storage) if config.prompts else None,
+            "torch_threads": None if gpus else cpu_actor_threads(config),
         },
         batch_size=resources.embed_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
-        num_gpus=gpus_per_actor(config), num_cpus=resources.cpus_per_actor,
+        num_gpus=gpus, num_cpus=resources.cpus_per_actor, **actor_env,
         # The model's host memory, so Ray places actors where they fit. Being a request decode does
         # not make, it also keeps Ray from fusing decode into the model holder when no GPU is asked
         # for: decode must scale on CPU tasks, not run inside the embed actor. (Ray restarts a dead

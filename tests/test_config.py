@@ -16,6 +16,7 @@ def test_defaults_are_the_laion_v2_setup():
     (lambda: ModelConfig(device="tpu"), "device"),
     (lambda: ResourcesConfig(min_actors=3, max_actors=2), "min_actors"),
     (lambda: ResourcesConfig(decode_cpus=2, decode_cpus_per_actor=1), "decode_cpus_per_actor"),
+    (lambda: ResourcesConfig(cpu_threads_per_actor=0), "cpu_threads_per_actor"),
     (lambda: WeightsSpec("x.pth", "abc"), "64 lowercase hex"),
     (lambda: ScoreConfig(input=(), output="o"), "input"),
     (lambda: ScoreConfig(input=("i",), output="o", shards_per_unit=0), "shards_per_unit"),

@@ -59,7 +59,10 @@ class EmbedScore:
         storage_options: Mapping[str, Any] | None = None,
         loader: Loader | None = None,
         prompts: str | PromptSets | None = None,
+        torch_threads: int | Callable[[], int] | None = None,
     ):
+        if torch_threads is not None:  # before the model loads: loading runs on them too
+            torch.set_num_threads(torch_threads() if callable(torch_threads) else torch_threads)
         if loader is None:
             loader = functools.partial(load_clip_and_heads, model, tuple(heads), tuple(search_dirs),
                                        dict(storage_options or {}))

@@ -167,6 +167,22 @@ def test_wrongly_sized_batch_is_a_wiring_error(tiny_clip, head_bank) -> None:
         _stage(tiny_clip, head_bank)(batch)
 
 
+@pytest.mark.parametrize("threads", [3, lambda: 3])
+def test_torch_threads_are_set_before_the_model_loads(tiny_clip, head_bank, threads) -> None:
+    before = torch.get_num_threads()
+    seen_at_load = []
+
+    def loader():
+        seen_at_load.append(torch.get_num_threads())
+        return tiny_clip, head_bank
+
+    try:
+        EmbedScore(TINY, HEAD_SPECS, loader=loader, torch_threads=threads)
+        assert seen_at_load == [3] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_heads_for_another_embedding_size_fail_at_start(tiny_clip) -> None:
     b32_like = HeadBank([Head.from_state_dict("b32", {"weight": torch.randn(1, 512), "bias": torch.zeros(1)})])
     spec = (HeadSpec("b32", WeightsSpec("/unused/b32.pth")),)
