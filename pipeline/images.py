@@ -71,7 +71,7 @@ import functools
 import io
 import math
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import simplejpeg
@@ -86,6 +86,7 @@ from PIL import (  # noqa: F401  (the plugin imports register the accepted forma
     WebPImagePlugin,
 )
 
+from pipeline.long_lived import long_lived
 from pipeline.schema import Status
 
 # Pillow format ids tried on open, most common first. MPO files are opened by the JPEG plugin (and come
@@ -373,6 +374,14 @@ def _decode_for_fast_resize(data: bytes | bytearray | memoryview, image: Image.I
     return (np.array(resizable.convert("RGB")) if resizable.mode in ("RGB", "L") else None), 1
 
 
+@functools.cache
+def _torch() -> Any:
+    """torch, imported on first use: task workers that never decode do not load it (550 MiB)."""
+    with long_lived():
+        import torch
+    return torch
+
+
 def _resize_and_crop(pixels: np.ndarray, width: int, height: int, reduction: int, size: int,
                      interpolation: str) -> np.ndarray:
     """The reference's Resize + CenterCrop of the upright ``width`` x ``height`` image, in torch.
@@ -381,7 +390,7 @@ def _resize_and_crop(pixels: np.ndarray, width: int, height: int, reduction: int
     antialiased uint8 resampling is a SIMD port of Pillow's (AVX2/AVX-512): the reference's pixels but for a
     1-level (rarely 2-level) difference on about 0.5% of values, 3-5x faster than Pillow here.
     """
-    import torch  # here, not at the top: task workers that never decode do not load torch (550 MiB)
+    torch = _torch()
 
     resized_width, resized_height = resized_size(width, height, size)
     left, top = center_crop_offsets(resized_width, resized_height, size)

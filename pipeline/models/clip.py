@@ -17,13 +17,17 @@ and the Ray driver, which only wires the stage that calls this module, never nee
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import pathlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
+from pipeline.long_lived import long_lived
+
+with long_lived():  # the driver's first import of torch
+    import torch
 
 from pipeline.config import TINY_MODEL, ModelConfig, WeightsSpec
 from pipeline.models.weights import WeightsNotFound, file_name_of, resolve_weights, sha256_of
@@ -90,15 +94,22 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+@functools.cache
+def _open_clip() -> Any:
+    with long_lived():
+        import open_clip
+    return open_clip
+
+
 def _register_tiny_model() -> None:
-    import open_clip
+    open_clip = _open_clip()
 
     if TINY_MODEL not in open_clip.list_models():
         open_clip.add_model_config(TINY_MODEL_CONFIG)
 
 
 def _model_config(name: str) -> dict[str, Any]:
-    import open_clip
+    open_clip = _open_clip()
 
     if name == TINY_MODEL:
         _register_tiny_model()
@@ -110,7 +121,7 @@ def _model_config(name: str) -> dict[str, Any]:
 
 def _create(name: str, checkpoint: str | None, precision: str, device: torch.device,
             preprocess_overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
-    import open_clip
+    open_clip = _open_clip()
 
     model = open_clip.create_model(
         name,
@@ -125,7 +136,7 @@ def _create(name: str, checkpoint: str | None, precision: str, device: torch.dev
 
 
 def _loaded(name: str, model: torch.nn.Module, identity: str, device: torch.device, precision: str) -> LoadedClip:
-    import open_clip
+    open_clip = _open_clip()
     from open_clip.model import get_input_dtype
 
     preprocess = open_clip.get_model_preprocess_cfg(model)

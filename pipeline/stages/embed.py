@@ -16,8 +16,12 @@ import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from pipeline.long_lived import long_lived
+
+with long_lived():  # an actor's first import of torch
+    import torch
+    import torch.nn.functional as F
 
 from pipeline import schema
 from pipeline.config import HeadSpec, ModelConfig
@@ -66,7 +70,8 @@ class EmbedScore:
         if loader is None:
             loader = functools.partial(load_clip_and_heads, model, tuple(heads), tuple(search_dirs),
                                        dict(storage_options or {}))
-        self.clip, self.head_bank = loader()
+        with long_lived():  # the model lives as long as the actor; its loader imports open_clip
+            self.clip, self.head_bank = loader()
         expected_names = tuple(spec.name for spec in heads)
         if self.head_bank.names != expected_names:
             raise ValueError(f"loader returned heads {self.head_bank.names}, expected {expected_names}")
