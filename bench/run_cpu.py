@@ -15,10 +15,11 @@ Measured with the tiny random-weight model (tiny-random, fp32) and one batch siz
    warmed the same way, at torch's default threads and at 1 thread; the Ray / plain throughput ratio is
    taken against the faster of the two;
 5. the job's peak memory: RSS of the driver + every Ray worker process (``ray::*``, Ray's per-node agents
-   excepted), sampled every 0.2 s with psutil, at 1x, at ``--scale`` x and at ``--memory-scale`` x that
-   (the same shards copied under new numbers; 8 / 80 / 800 shards). The goal (flat: under 1.25x when the
-   input grows 10x) is checked from 80 to 800 shards: the 800-image 1x run ends before decode has run
-   ahead as far as backpressure lets it, so its peak is not the job's steady-state peak;
+   excepted), sampled every 0.2 s with psutil from a process of its own (bench.memory), at 1x, at
+   ``--scale`` x and at ``--memory-scale`` x that (the same shards copied under new numbers; 8 / 80 /
+   800 shards). The goal (flat: under 1.25x when the input grows 10x) is checked from 80 to 800 shards:
+   the 800-image 1x run ends before decode has run ahead as far as backpressure lets it, so its peak is
+   not the job's steady-state peak;
 6. from the 1x and 10x runs, each side's marginal (steady-state) rate and so Ray's fixed cost per run.
 
 Each side runs in its own spawned process, so the Ray driver holds only what `aesthetics score` would
@@ -38,7 +39,6 @@ import os
 import platform
 import shutil
 import sys
-import threading
 import time
 import traceback
 from importlib.metadata import version
@@ -47,13 +47,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from bench.memory import MemorySampler
 from bench.table import text_table
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench-output" / "cpu"
 BROKEN_URLS = 3  # build_sample_dataset's default failures: 3 URLs that 404 + 1 text body
 NON_IMAGE = 1
-RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # per-node daemons, named like workers
 
 GOAL_RATIO = 0.7  # Ray / plain throughput at 1x
 ISSUE5_RATIO = 0.85
@@ -117,90 +117,6 @@ def make_config(inputs: str, output: str, batch_size: int, **resources: Any):
         heads=heads, weights_dirs=weights_dirs, decode=DecodeConfig(batch_size=batch_size),
         resources=ResourcesConfig(embed_batch_size=batch_size, **resources),
     )
-
-
-# Memory ----------------------------------------------------------------------------------------
-
-class MemorySampler:
-    """Every ``interval`` s: RSS of this process + every Ray worker process (``ray::*`` but Ray's per-node
-    agents); the agents, raylet and GCS are summed on the side. Ray's processes are this process's
-    descendants, since ray.init() started the local cluster from here.
-
-    PSS is sampled only every ``pss_every``-th time: it needs /proc/PID/smaps, about 40 ms of CPU per pass
-    over Ray's processes here, which at every sample took a fifth of a core from the run being measured.
-    """
-
-    def __init__(self, interval: float = 0.2, driver_only: bool = False, pss_every: int = 5):
-        import psutil
-
-        self.psutil = psutil
-        self.interval = interval
-        self.driver_only = driver_only
-        self.pss_every = pss_every
-        self.driver = psutil.Process()
-        self.peak_rss = self.peak_pss = self.peak_daemons_rss = self.peak_workers = 0
-        self._samples = 0
-        self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds so far)
-        self._cpu_start: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _sample(self) -> tuple[int, int, int, int]:
-        rss = pss = daemons = workers = 0
-        with_pss = self._samples % self.pss_every == 0
-        self._samples += 1
-        procs = [self.driver] if self.driver_only else [self.driver] + self.driver.children(recursive=True)
-        for proc in procs:
-            try:
-                title = proc.cmdline()[:1] if proc is not self.driver else ["driver"]
-                info = proc.memory_full_info() if with_pss else proc.memory_info()
-                cpu = proc.cpu_times()
-            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
-                continue
-            is_job = proc is self.driver or (
-                bool(title) and title[0].startswith("ray::") and not title[0].startswith(RAY_AGENTS))
-            kind = "driver" if proc is self.driver else ("workers" if is_job else "daemons")
-            self._cpu[proc.pid] = (kind, cpu.user + cpu.system)
-            if is_job:
-                rss += info.rss
-                pss += getattr(info, "pss", 0)
-                workers += proc is not self.driver
-            else:
-                daemons += info.rss
-        return rss, pss, daemons, workers
-
-    def _loop(self) -> None:
-        while True:
-            rss, pss, daemons, workers = self._sample()
-            self.peak_rss = max(self.peak_rss, rss)
-            self.peak_pss = max(self.peak_pss, pss)
-            self.peak_daemons_rss = max(self.peak_daemons_rss, daemons)
-            self.peak_workers = max(self.peak_workers, workers)
-            if self._stop.wait(self.interval):
-                return
-
-    def __enter__(self) -> "MemorySampler":
-        self._sample()
-        self._cpu_start = {pid: seconds for pid, (_, seconds) in self._cpu.items()}
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    def cpu_seconds(self) -> dict[str, float]:
-        """CPU seconds (user + system) each kind of process spent during the run, as last sampled (a worker
-        that ended between two samples loses at most its last 0.2 s)."""
-        spent = {"driver": 0.0, "workers": 0.0, "daemons": 0.0}
-        for pid, (kind, seconds) in self._cpu.items():
-            spent[kind] += seconds - self._cpu_start.get(pid, 0.0)
-        return {kind: round(value, 1) for kind, value in spent.items()}
-
-    def result(self) -> dict[str, Any]:
-        return {"peak_rss": self.peak_rss, "peak_pss": self.peak_pss, "daemons_rss": self.peak_daemons_rss,
-                "workers": self.peak_workers, "cpu_s": self.cpu_seconds()}
 
 
 # Stage benchmarks (plain side) -----------------------------------------------------------------
@@ -534,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
          f"{mib(ray_large['peak_rss'])} ({ray_large['workers']} workers)", "", ""),
         (f"peak memory {args.scale}x / 1x (RSS; the 1x run is too short to fill the pipeline)",
          f"{memory_ratio:.2f}x", "", ""),
-        (f"  same in PSS (shared pages once; sampled every 1 s): {mib(ray_pss_1x)} -> {mib(ray_large['peak_pss'])}",
+        (f"  same in PSS (shared pages once; sampled every 2 s): {mib(ray_pss_1x)} -> {mib(ray_large['peak_pss'])}",
          f"{ray_large['peak_pss'] / ray_pss_1x:.2f}x", "", ""),
         ("  not counted: raylet, GCS, Ray agents (RSS, 1x / 10x)",
          f"{mib(max(r['daemons_rss'] for r in ray_1x))} / {mib(ray_large['daemons_rss'])}", "", ""),
