@@ -161,8 +161,8 @@ class ResourcesConfig:
     # torch threads in each embed actor that runs on CPU. None: the node's Ray CPUs shared among max_actors.
     # On CPU the model is the slow stage and decode leaves its cores idle much of the time; the actor's
     # OpenMP threads wait passively, so a decode task on the same core gets it back at once (bench, 2 CPUs:
-    # 80 shards in 17.1 s against 19.4 s with one thread, BENCHMARKS.md). GPU actors keep Ray's default
-    # (OMP_NUM_THREADS = their num_cpus).
+    # 80 shards in 17.1-17.8 s against 18.2-22.0 s with one thread, BENCHMARKS.md). GPU actors keep Ray's
+    # default (OMP_NUM_THREADS = their num_cpus).
     cpu_threads_per_actor: int | None = None
 
     def __post_init__(self) -> None:
