@@ -3,8 +3,8 @@
 Importing torch and open_clip creates about 420,000 objects that are never freed, and loading a model adds
 more. While they are being created, the cyclic collector's full pass over everything runs again and
 again: about a quarter of an embed actor's start (importing the embed stage and building it with the tiny
-model took 4.3-4.5 s, 3.3 s with this, here); afterwards each full pass still takes 0.3 s. So such blocks run
-with the collector paused, and what they created is then frozen (``gc.freeze``): not walked again until
+model took 4.3-4.5 s, 3.3 s with this, here); afterwards each full pass still takes 0.3 s. So such
+blocks run with the collector paused, and what they created is then frozen (``gc.freeze``): not walked again until
 the process exits.
 
 Used where a process first imports torch (the embed stage in actors, the model loader in the driver,
@@ -25,8 +25,8 @@ from typing import Iterator
 def long_lived() -> Iterator[None]:
     """Run the block with the collector paused, then freeze every object made so far.
 
-    Garbage already in the process is frozen with the rest and stays for good, so use it once per
-    process or per model, early, never on a hot path."""
+    Garbage already in the process is frozen with the rest and stays until the process exits, so use it
+    once per process or per model, early, never on a hot path."""
     _unfreeze_at_exit()
     was_enabled = gc.isenabled()
     gc.disable()
