@@ -4,8 +4,8 @@ Importing torch and open_clip creates about 420,000 objects that are never freed
 more. While they are being created, the cyclic collector's full pass over everything runs again and
 again: about a quarter of an embed actor's start (importing the embed stage and building it with the tiny
 model took 4.3-4.5 s, 3.3 s with this, here); afterwards each full pass still takes 0.3 s. So such
-blocks run with the collector paused, and what they created is then frozen (``gc.freeze``): not walked again until
-the process exits.
+blocks run with the collector paused, and what they created is then frozen (``gc.freeze``): not walked
+again until the process exits.
 
 Used where a process first imports torch (the embed stage in actors, the model loader in the driver,
 the decode stage's lazy import in task workers), for open_clip's first import, and around an embed
