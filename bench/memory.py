@@ -7,7 +7,7 @@ descendants, since ray.init() started the local cluster from there.
 The sampler runs in its own process because a sampling thread in the measured one competed with it:
 psutil parses /proc in Python, holding the GIL that the Ray driver's scheduling loop needs, and its CPU
 was the driver's. An 80-shard Ray run took 1.7-2.6 s (8-12%) longer with that thread than without it,
-0.4-1.3 s longer with this process. PSS is read only every ``pss_every``-th sample (2 s): it needs
+and 0.6-0.9 s longer with this process. PSS is read only every ``pss_every``-th sample (2 s): it needs
 /proc/PID/smaps, 3-4 ms of CPU per process that has torch loaded; RSS costs next to nothing.
 """
 

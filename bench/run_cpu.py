@@ -26,7 +26,8 @@ Each side runs in its own spawned process, so the Ray driver holds only what `ae
 (not the plain loop's model or open_clip): the job's driver is measured, not the benchmark's. Plain and
 Ray runs alternate, so a machine shared with other work slows both alike; the load average at each run
 is printed. Shards are built once under bench-output/cpu/ (gitignored, ~30 s) and reused; a run takes
-~5-6 min on 2 cores (the 800-shard run alone 2-3 min). Goals are checked and printed as met or MISSED. BENCHMARKS.md has the figures.
+about 4 min on 2 cores (the 800-shard run alone 2-3 min). Goals are checked and printed as met or MISSED.
+BENCHMARKS.md has the figures.
 """
 
 from __future__ import annotations

@@ -40,7 +40,6 @@ from bench.table import text_table
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench-output" / "gpu"
-SHARED_HEADS = ROOT.parent / "shared" / "reference" / "laion-aesthetics" / "heads"
 DEFAULT_MODELS = ("ViT-L-14-quickgelu", "ViT-B-32-quickgelu")
 DEFAULT_PRECISIONS = ("fp16", "bf16")
 # The published head that fits each architecture's embedding (file name under --weights-dir / ../shared).
@@ -141,35 +140,18 @@ def random_init_loader(model, heads, search_dirs=(), storage_options=None):
     return clip, bank.to(clip.device)
 
 
-def _random_head_file(folder: Path, embed_dim: int) -> tuple[str, str]:
-    """A seeded random V2-format head of width ``embed_dim`` (pipeline.demo's, any width)."""
-    import torch
-
-    from pipeline.models.weights import sha256_of
-
-    path = folder / f"random-v2-{embed_dim}.pth"
-    if not path.exists():
-        generator = torch.Generator().manual_seed(0)
-        sizes = [embed_dim, 1024, 128, 64, 16, 1]
-        state = {}
-        for index, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), zip(sizes, sizes[1:])):
-            state[f"layers.{index}.weight"] = torch.randn(fan_out, fan_in, generator=generator) / fan_in ** 0.5
-            state[f"layers.{index}.bias"] = torch.zeros(fan_out)
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path)
-    return str(path), sha256_of(path)
-
-
 def heads_for(name: str) -> tuple[tuple, tuple[str, ...], str]:
     """(head specs, weights dirs, label) for a model: the real published head when ../shared has it."""
     from pipeline.config import KNOWN_HEADS, HeadSpec, WeightsSpec
+    from pipeline.demo import SHARED_HEADS, random_v2_head
     from pipeline.models.clip import _model_config
+    from pipeline.models.weights import file_name_of
 
     real = REAL_HEAD_FOR.get(name)
-    if real and (SHARED_HEADS / f"{real}.pth").exists():
+    if real and (SHARED_HEADS / file_name_of(KNOWN_HEADS[real].weights.uri)).exists():
         return (KNOWN_HEADS[real],), (str(SHARED_HEADS),), real
     embed_dim = int(_model_config(name)["embed_dim"])
-    path, digest = _random_head_file(OUT / "heads", embed_dim)
+    path, digest = random_v2_head(OUT / "heads", embed_dim)
     return (HeadSpec(f"random-v2-{embed_dim}", WeightsSpec(path, digest)),), (), f"random V2-format head ({embed_dim}-d)"
 
 

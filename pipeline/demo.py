@@ -20,10 +20,12 @@ import torch
 
 from pipeline import cli
 from pipeline.config import DEFAULT_HEAD, KNOWN_HEADS, HeadSpec, WeightsSpec
+from pipeline.models.weights import file_name_of, sha256_of
 from pipeline.sample_data import build_sample_dataset
 
 # Where the product's own checkout keeps the reference head files (absent elsewhere).
 SHARED_HEADS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "laion-aesthetics" / "heads"
+SHARED_V2_HEAD = SHARED_HEADS / file_name_of(KNOWN_HEADS[DEFAULT_HEAD].weights.uri)
 HF_CACHE_OPENAI_L14 = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub" / \
     "models--timm--vit_large_patch14_clip_224.openai"
 
@@ -32,19 +34,18 @@ def _default_weights_available(pretrained: str | None) -> bool:
     return bool(pretrained) or HF_CACHE_OPENAI_L14.exists()
 
 
-def random_v2_head(folder: Path) -> tuple[str, str]:
-    """A seeded random head in the V2 file format, for machines that have no real head file."""
-    from pipeline.models.weights import sha256_of
-
+def random_v2_head(folder: Path, embed_dim: int = 768) -> tuple[str, str]:
+    """A seeded random head in the V2 file format for ``embed_dim``-wide embeddings (768: ViT-L/14's), for
+    machines that have no real head file. (path, sha256)."""
     generator = torch.Generator().manual_seed(0)
-    sizes = [768, 1024, 128, 64, 16, 1]
+    sizes = [embed_dim, 1024, 128, 64, 16, 1]
     state = {}
     for index, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), zip(sizes, sizes[1:])):
         state[f"layers.{index}.weight"] = torch.randn(fan_out, fan_in, generator=generator) / fan_in ** 0.5
         state[f"layers.{index}.bias"] = torch.zeros(fan_out)
     state["layers.7.bias"] = torch.tensor([5.0])  # centre the meaningless scores where LAION's are
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "random-v2-head.pth"
+    path = folder / f"random-v2-{embed_dim}.pth"
     torch.save(state, path)
     return str(path), sha256_of(path)
 
@@ -52,7 +53,7 @@ def random_v2_head(folder: Path) -> tuple[str, str]:
 def v2_head_or_stand_in(scratch: Path) -> tuple[tuple[HeadSpec, ...], tuple[str, ...]]:
     """(heads, weights_dirs): the real LAION V2 head from ../shared when it is there, else a seeded random
     head in its format written under ``scratch``. What tests and benchmarks score with."""
-    if (SHARED_HEADS / "sac+logos+ava1-l14-linearMSE.pth").exists():
+    if SHARED_V2_HEAD.exists():
         return (KNOWN_HEADS[DEFAULT_HEAD],), (str(SHARED_HEADS),)
     path, digest = random_v2_head(scratch)
     return (HeadSpec("random-v2", WeightsSpec(path, digest)),), ()
@@ -80,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             score_args += ["--pretrained", args.pretrained]
     else:
         score_args += ["--model", "tiny-random", "--precision", "fp32"]
-    if (SHARED_HEADS / KNOWN_HEADS[DEFAULT_HEAD].weights.uri.rsplit("/", 1)[-1].replace("%2B", "+")).exists():
+    if SHARED_V2_HEAD.exists():
         score_args += ["--weights-dir", str(SHARED_HEADS)]
     elif "--model" in score_args:
         path, digest = random_v2_head(out / "weights")
