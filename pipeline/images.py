@@ -13,15 +13,20 @@ open_clip's eval transform, ``image_transform(S, is_train=False, resize_mode="sh
 
 Two paths to the same pixels
 ----------------------------
-``fast=False``, Pillow all the way, the reference's own code made cheaper:
+``fast=False``, Pillow all the way: the reference's own resampling, bit for bit, made a little cheaper:
 
-* Only the pixels that survive the crop are resampled: each of Pillow's two passes (one per axis) is run
-  with the source-space box the centre crop keeps (``resize(..., box=...)``), so a panorama is never resampled
-  to a 100 000-pixel-wide strip first. The passes run in the order Pillow picks for the reference's full
-  resize: Pillow 13 runs the vertical pass first when the height shrinks more than twice as much as the width
-  (python-pillow/Pillow#9549), and since each pass rounds and clips to 8 bits, the order shows (up to 6
-  levels). A single box resize would let Pillow pick the order from the crop's size instead. Result: equal to
-  the reference but for a 1-level difference on well under 1% of values (box edges are C floats in Pillow).
+* Pillow resamples in two passes, one per axis, each rounding and clipping to 8 bits. We call them one at a
+  time (``_resize_exact``), each with the reference's geometry (the whole input side onto the whole resized
+  side), and crop between them, so the second pass only computes the lines the crop keeps. The passes run in
+  the order Pillow picks for the reference's full resize: Pillow 13 runs the vertical pass first when the
+  height shrinks more than twice as much as the width (python-pillow/Pillow#9549: downscaled portraits over
+  2:1); in the other order up to 6 levels differ. The filter weights, the sums and the rounding are then Pillow's
+  own on the same numbers: no value differs (``EXACT_MAX_LEVEL_DIFFERENCE``).
+* Panoramas past ``MAX_EXACT_RESIZE_CROPS`` (16:1): resampling the whole long side would compute a strip up
+  to millions of pixels long, so only the crop's source-space box is resampled (``resize(..., box=...)``).
+  Pillow takes box edges as C floats (``_resize_exact`` says why that is not exact). Below 16 384 px the
+  rounding moves the filter centres by under 0.001 px, a pass's sums by under a level, so as for the
+  fast path below: up to 2 levels off. Measured: 0.2% of values off by 1, none by 2.
 
 ``fast=True`` (the default), where most of the time goes (per core, 256-512 px JPEGs: decode and Pillow's
 resampling about half each):
@@ -29,10 +34,11 @@ resampling about half each):
 * JPEGs are decoded by libjpeg-turbo through simplejpeg, straight into a numpy array: Pillow's pixels
   exactly, a quarter to a third faster (Pillow decodes into its own 4-byte-per-pixel buffer, then copies).
 * The resize runs in torch, whose antialiased uint8 kernels are a SIMD port of Pillow's resampling (same
-  filters, same geometry): 3-5x faster than Pillow on one core, within 1 level of the reference on about 0.5%
-  of values (2 levels on a few in 100 000 when upscaling). torch has no box argument, so the whole image is
-  resized and then cropped, as the reference does; panoramas past ``MAX_FAST_RESIZE_CROPS`` take the Pillow
-  path, as do filters torch lacks (lanczos, box, nearest), CMYK JPEGs and any JPEG libjpeg warns about.
+  filters, same geometry, same rounding): 3-5x faster than Pillow on one core. torch always runs the
+  horizontal pass first, so an image the reference resamples vertically first goes to torch transposed.
+  torch has no box argument, so the whole image is resized and then cropped, as the reference does;
+  panoramas past ``MAX_FAST_RESIZE_CROPS`` take the Pillow path, as do filters torch lacks (lanczos, box,
+  nearest), CMYK JPEGs and any JPEG libjpeg warns about.
 * Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, then resized with the reference's own
   scale (so the crop lands where it does in the reference). DCT scaling keeps more fine detail than Pillow's
   antialiased bicubic, so the error grows as the bicubic step shrinks. Measured on skimage's photos, mean
@@ -40,15 +46,40 @@ resampling about half each):
   does all the reduction (shortest side just above 448, 896, 1792 for S=224), about 0.016 when bicubic still
   reduces by 1.25x, 0.011 at 1.5x, 0.006 at 2x. Hence ``DRAFT_MARGIN = 1.25``: the largest DCT reduction
   that keeps the shortest side >= 1.25 S, so nothing under 560 px is reduced. img2dataset's 256 and 512 px
-  shards therefore get the reference's pixels on the fast path too, 2.3-3.2x faster per core than the
-  reference (bench/bench_decode.py prints the figures and the MAD).
+  shards therefore get the reference's pixels (to the bounds below) on the fast path too, 2.3-3.2x faster per
+  core than the reference (bench/bench_decode.py prints the figures and the MAD). Noise and other detail at
+  the pixel scale survive the DCT reduction most: bench/decode_accuracy.py measures MAD 0.011 on average over
+  JPEGs of 560-2048 px, but up to 0.08 on heavily noisy or JPEG-mangled ones.
+
+Accuracy, in 0..255 levels (bench/decode_accuracy.py measures it; README.md states it; tests assert it)
+--------------------------------------------------------------------------------------------------------
+* ``fast=False``: 0 levels off, by construction (above), up to 16:1.
+* ``fast=True`` without a DCT reduction: at most ``FAST_MAX_LEVEL_DIFFERENCE`` = 2 levels off, a bound from
+  the arithmetic. The decoded pixels are Pillow's; the resamplers differ only in their fixed-point weights
+  (torch: int16 with 14 or more fractional bits; Pillow: int32, 22 bits), which moves a pass's sum before
+  rounding by at most about 0.04 of a level (each tap's weight off by half a step, times 255, summed; finer
+  steps when downscaling make up for the extra taps). The first pass therefore rounds at most 1 level away
+  from Pillow's. The second pass sums those values with weights whose absolute values add up to at most 1.25
+  (bicubic, a = -0.5; 1 for bilinear), so its sum moves by under 1.25 + 0.04 < 2 levels, and two sums under
+  2 apart round at most 2 apart. How often a value lands near enough a rounding boundary to flip depends on
+  the picture, not on the arithmetic, so the fractions are measured: over 358 images of 16-2048 px (colour
+  and grey, JPEG of several qualities and PNG, upscaled and downscaled, 1:1 to 42:1; the demo's shard images
+  among them) 0.23% of values are off by 1 or more and 0.00015% by 2; the worst image has 1.6% off by 1 or
+  more and 0.004% by 2. The bounds tests hold the fast path to, with room (4x, 3x, 2.5x) for other pictures
+  and library versions: ``FAST_MAX_OFF_BY_ONE`` of a set of images' values, ``FAST_MAX_OFF_BY_ONE_PER_IMAGE``
+  and ``FAST_MAX_OFF_BY_TWO`` of any one image's. The CPU plays no part: torch's uint8 resampling gives the
+  same bytes with its scalar, AVX2 and AVX-512 kernels (integer sums of the same int16 weights), Pillow's is
+  plain C and libjpeg-turbo's accurate IDCT is bit-exact in every SIMD flavour.
+* ``fast=True`` with a DCT reduction (JPEGs whose shortest side is >= 2.5 S): not the reference's pixels but
+  close to them (MAD above).
 
 Deliberate differences from the reference (each one tested)
 -----------------------------------------------------------
 * EXIF orientation (``apply_exif_orientation``) is applied; the reference ignores it and scores the photo
   sideways. Our geometry is the reference's applied to the upright image; the box is mapped into the stored
   (unrotated) frame and only the S x S result is transposed, so rotated photos cost no full-size transpose.
-  Agreement with the reference on the upright image: as exact as for any other image.
+  Agreement with the reference on the upright image: as for any other image (the exact path's passes see
+  the mirrored geometry, whose filter weights are the same numbers; every orientation is tested bit for bit).
 * Transparency (RGBA, LA, PA, palette or colour-key transparency) is matted over white, as img2dataset does
   when it resizes. The reference resamples premultiplied RGBA, then drops alpha: fully transparent pixels turn
   black.
@@ -105,6 +136,14 @@ MAX_ERROR_CHARS = 200
 
 # Fast path: the DCT reduction must leave the shortest side >= DRAFT_MARGIN * S (see the module docstring).
 DRAFT_MARGIN = 1.25
+
+# Agreement with the reference, in 0..255 levels ("Accuracy" in the module docstring says why these).
+# README.md's "Decoding" section states them and tests/test_images.py asserts them, both from here.
+EXACT_MAX_LEVEL_DIFFERENCE = 0  # fast=False, images up to MAX_EXACT_RESIZE_CROPS:1
+FAST_MAX_LEVEL_DIFFERENCE = 2  # fast=True without a DCT reduction, and fast=False past 16:1
+FAST_MAX_OFF_BY_ONE = 0.01  # fast=True without a DCT reduction: of a set of images' values, off by 1 or more
+FAST_MAX_OFF_BY_ONE_PER_IMAGE = 0.05  # ... of any one image's values
+FAST_MAX_OFF_BY_TWO = 0.0001  # ... of any one image's values, off by 2
 
 # Modes resampled as they are and converted to RGB only at S x S, exactly as the reference does.
 _NATIVE_MODES = ("RGB", "L", "CMYK", "YCbCr")
@@ -280,21 +319,38 @@ def decode_square(
         if fast and resample in _TORCH_FILTERS and _fits_fast_resize(width, height, size):
             pixels, reduction = _decode_for_fast_resize(data, image, size, draft_margin)
             if pixels is not None:
-                if orientation != 1:
-                    # Upright before resizing: in the stored frame torch's fixed pass order would be the
-                    # reference's reversed for orientations 5-8 (1-level differences on a fifth of values).
-                    pixels = np.ascontiguousarray(_UPRIGHT_ARRAY[orientation](pixels))
-                out[...] = _resize_and_crop(pixels, width, height, reduction, size, _TORCH_FILTERS[resample])
+                # torch always runs the horizontal pass first, and each pass rounds to 8 bits, so the image
+                # goes to torch in the frame where the reference's first pass is horizontal: upright (in the
+                # stored frame orientations 5-8 swap the axes), then transposed when Pillow would resample
+                # vertically first (Pillow 13, downscaled portraits over 2:1). In the wrong order, 12-23% of
+                # values are off, by up to 5 levels.
+                transposed = _reference_resizes_vertically_first(width, height, size)
+                view = _UPRIGHT_ARRAY[orientation](pixels)
+                if transposed:
+                    view = view.transpose(1, 0, 2)
+                if view is not pixels:
+                    pixels = np.ascontiguousarray(view)
+                across, down = (height, width) if transposed else (width, height)
+                small = _resize_and_crop(pixels, across, down, reduction, size, _TORCH_FILTERS[resample])
+                out[...] = small.transpose(1, 0, 2) if transposed else small
                 return width, height
 
         box = box_to_stored(center_crop_box(width, height, size), stored_width, stored_height)
         if fast and isinstance(image, JpegImagePlugin.JpegImageFile):
             box = _draft(image, box, size, draft_margin)
+        reduced = image.size != (stored_width, stored_height)  # a DCT reduction: not the reference's input
         _load(image)
         resizable = _resizable(image)
         # The reference's pass order, seen from the stored frame (where 5-8 swap the axes).
         vertical_first = _reference_resizes_vertically_first(width, height, size) != (orientation >= 5)
-        small = _resize_box(resizable, _clamp(box, resizable.size), size, resample, vertical_first)
+        if not reduced and _fits_exact_resize(width, height, size):
+            resized_width, resized_height = resized_size(width, height, size)
+            left, top = center_crop_offsets(resized_width, resized_height, size)
+            stored_resized = upright_size(resized_width, resized_height, orientation)  # 5-8 swap back
+            crop = box_to_stored((left, top, left + size, top + size), *stored_resized)
+            small = _resize_exact(resizable, stored_resized, crop, resample, vertical_first)
+        else:
+            small = _resize_box(resizable, _clamp(box, resizable.size), size, resample, vertical_first)
         if transpose is not None:
             small = small.transpose(transpose)
         _write_rgb(small, out)
@@ -387,8 +443,10 @@ def _resize_and_crop(pixels: np.ndarray, width: int, height: int, reduction: int
     """The reference's Resize + CenterCrop of the upright ``width`` x ``height`` image, in torch.
 
     ``pixels`` is that image as (H, W, 3) uint8, DCT-reduced by ``reduction`` (1, 2, 4 or 8). torch's
-    antialiased uint8 resampling is a SIMD port of Pillow's (AVX2/AVX-512): the reference's pixels but for a
-    1-level (rarely 2-level) difference on about 0.5% of values, 3-5x faster than Pillow here.
+    antialiased uint8 resampling is a SIMD port of Pillow's (AVX2/AVX-512), 3-5x faster than Pillow here: the
+    reference's pixels but for 1-level differences on about 0.2% of values and 2-level ones on about one in a
+    million (never more: "Accuracy" in the module docstring), provided the reference also resamples
+    horizontally first (the caller transposes otherwise).
     """
     torch = _torch()
 
@@ -451,6 +509,50 @@ def _clamp(box: tuple[float, ...], size: tuple[int, int]) -> tuple[float, float,
     width, height = size
     left, top, right, bottom = box
     return max(0.0, left), max(0.0, top), min(float(width), right), min(float(height), bottom)
+
+
+# The Pillow path resamples the cropped axis over its full extent (the reference's pixels, bit for bit) up to
+# this many crops' worth; past it (panoramas) only the crop's box is resampled (see _resize_exact).
+MAX_EXACT_RESIZE_CROPS = 16
+
+
+def _fits_exact_resize(width: int, height: int, size: int) -> bool:
+    return max(resized_size(width, height, size)) <= MAX_EXACT_RESIZE_CROPS * size
+
+
+def _resize_exact(image: Image.Image, resized: tuple[int, int], crop_box: tuple[int, int, int, int],
+                  resample: Image.Resampling, vertical_first: bool) -> Image.Image:
+    """The reference's ``resize(resized)`` then ``crop(crop_box)``, one single-axis Pillow pass at a time.
+
+    Bit for bit the reference's pixels, because each pass is called with the reference's own geometry: the
+    whole input extent (0 to width or height) onto the whole resized extent. Pillow computes a pass's filter
+    weights from that geometry and each output line from its input line alone, so the lines we keep are the
+    reference's; the crop between the passes only drops lines the second pass would compute and throw away.
+
+    Why not resample only the crop's box, which is cheaper (the long axis computes S outputs, not its whole
+    resized length)? Pillow takes the box as C floats: an edge like 16 * 294 / 257 is rounded to 24 bits,
+    and the pass's scale is then ``(float)(right - left) / S`` rather than ``width / new_width``. Every
+    filter centre drifts by up to ~1e-5 px, far more than the 2^-22 steps of Pillow's fixed-point weights,
+    so some weights change by one step; on a value whose sum lies near a .5 boundary that flips the rounding
+    of the first pass by 1 level, and the second pass, whose bicubic weights sum to up to 1.25 in absolute
+    value, can carry that to 2 levels (measured: 0.02% of values off, up to 2 levels, e.g. a 294 x 256
+    photo). Only the long axis is cropped (the short one's box edges are 0 and the side: exact floats), and
+    resampling it whole costs 3-12% of this path's images/s on 256-1024 px JPEGs (BENCHMARKS.md).
+    """
+    def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+        return image if image.size == size else image.resize(size, resample)  # Pillow would copy
+
+    def crop(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+        return image if box == (0, 0) + image.size else image.crop(box)
+
+    width, height = image.size
+    new_width, new_height = resized
+    left, top, right, bottom = crop_box
+    if vertical_first:
+        rows = crop(resize(image, (width, new_height)), (0, top, width, bottom))
+        return crop(resize(rows, (new_width, bottom - top)), (left, 0, right, bottom - top))
+    columns = crop(resize(image, (new_width, height)), (left, 0, right, height))
+    return crop(resize(columns, (right - left, new_height)), (0, top, right - left, bottom))
 
 
 def _resize_box(image: Image.Image, box: tuple[float, float, float, float], size: int,

@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import simplejpeg
 import skimage.data
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms.functional import _compute_resized_output_size
 
 from pipeline.images import (
     DRAFT_MARGIN,
+    EXACT_MAX_LEVEL_DIFFERENCE,
+    FAST_MAX_LEVEL_DIFFERENCE,
+    FAST_MAX_OFF_BY_ONE,
+    FAST_MAX_OFF_BY_ONE_PER_IMAGE,
+    FAST_MAX_OFF_BY_TWO,
     _ORIENTATIONS,
     _UPRIGHT_ARRAY,
+    _resize_and_crop,
+    MAX_EXACT_RESIZE_CROPS,
     MAX_FAST_RESIZE_CROPS,
     ImageRejected,
+    _resize_box,
     center_crop_box,
     dct_reduction,
     decode_square,
@@ -55,16 +68,24 @@ def decode(data: bytes, fast: bool = False, size: int = SIZE, **options) -> np.n
     return out
 
 
-def assert_matches_reference(pixels: np.ndarray, reference: np.ndarray, fast: bool = False) -> None:
-    """Equal to the reference's uint8 pixels but for a 1-level difference on at most 1% of values.
+def level_differences(pixels: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    return np.abs(pixels.astype(int) - to_uint8(reference))
 
-    The fast path (torch's resampling, whose fixed-point weights round a little differently from Pillow's
-    when upscaling) may also differ by 2 levels, on at most 0.01% of values.
+
+def assert_matches_reference(pixels: np.ndarray, reference: np.ndarray, fast: bool = False) -> None:
+    """The reference's uint8 pixels; the fast path within its bounds (pipeline.images, stated in README.md).
+
+    ``fast=False``: no value differs. ``fast=True`` (torch's resampling, no DCT reduction): at most
+    FAST_MAX_LEVEL_DIFFERENCE (2) levels off, a bound from the arithmetic; off by 1 or more on at most
+    FAST_MAX_OFF_BY_ONE_PER_IMAGE of the values and by 2 on at most FAST_MAX_OFF_BY_TWO.
     """
-    difference = np.abs(pixels.astype(int) - to_uint8(reference))
-    assert difference.max() <= (2 if fast else 1), difference.max()
-    assert (difference > 0).mean() <= 0.01, (difference > 0).mean()
-    assert (difference > 1).mean() <= 0.0001, (difference > 1).mean()
+    difference = level_differences(pixels, reference)
+    if not fast:
+        assert difference.max() <= EXACT_MAX_LEVEL_DIFFERENCE, (difference.max(), (difference > 0).mean())
+        return
+    assert difference.max() <= FAST_MAX_LEVEL_DIFFERENCE, difference.max()
+    assert (difference >= 1).mean() <= FAST_MAX_OFF_BY_ONE_PER_IMAGE, (difference >= 1).mean()
+    assert (difference >= 2).mean() <= FAST_MAX_OFF_BY_TWO, (difference >= 2).mean()
 
 
 def photo_jpeg(name: str, shortest_side: int, portrait: bool = False) -> bytes:
@@ -108,6 +129,154 @@ def test_exact_path_equals_the_reference_on_any_shape(width, height):
 def test_exact_path_equals_the_reference_on_photos(name, portrait, shortest_side):
     data = photo_jpeg(name, shortest_side, portrait)
     assert_matches_reference(decode(data), reference_tensor(data))
+
+
+# Real photographs at sizes spread over what a shard holds, none DCT-reduced (shortest side < 560):
+# (skimage photo, width, height, format). Upscaled and downscaled, odd sizes, portraits over 2:1 (which Pillow
+# 13 resamples vertically first), greyscale, JPEG of two qualities and PNG.
+ACCURACY_CORPUS = [
+    ("astronaut", 16, 16, "JPEG"), ("camera", 37, 48, "PNG"), ("chelsea", 150, 100, "JPEG"),
+    ("coffee", 100, 150, "JPEG"), ("coins", 223, 300, "JPEG"), ("rocket", 200, 620, "JPEG"),
+    ("immunohistochemistry", 224, 224, "PNG"), ("hubble_deep_field", 225, 224, "JPEG"),
+    ("chelsea", 294, 256, "JPEG"), ("astronaut", 256, 384, "JPEG"), ("coffee", 300, 900, "JPEG"),
+    ("camera", 512, 512, "JPEG"), ("rocket", 559, 745, "PNG"), ("coins", 700, 300, "JPEG"),
+    ("hubble_deep_field", 448, 300, "PNG"), ("immunohistochemistry", 390, 1000, "JPEG"),
+]
+
+
+def corpus_image(name: str, width: int, height: int, fmt: str, index: int) -> bytes:
+    image = ImageOps.fit(Image.fromarray(getattr(skimage.data, name)()), (width, height), Image.Resampling.LANCZOS)
+    return encode(image, fmt, **({"quality": (95, 75)[index % 2]} if fmt == "JPEG" else {"compress_level": 1}))
+
+
+@pytest.fixture(scope="module")
+def accuracy_corpus() -> list[tuple[str, bytes, np.ndarray]]:
+    """(label, bytes, the reference's uint8 pixels) for ACCURACY_CORPUS."""
+    corpus = []
+    for index, (name, width, height, fmt) in enumerate(ACCURACY_CORPUS):
+        data = corpus_image(name, width, height, fmt, index)
+        corpus.append((f"{name} {width}x{height} {fmt}", data, to_uint8(reference_tensor(data))))
+    return corpus
+
+
+def test_exact_path_is_the_reference_bit_for_bit_on_photos_of_many_sizes(accuracy_corpus):
+    for label, data, reference in accuracy_corpus:
+        assert np.array_equal(decode(data), reference), label  # EXACT_MAX_LEVEL_DIFFERENCE = 0
+
+
+def test_fast_path_stays_within_its_bounds_on_photos_of_many_sizes(accuracy_corpus):
+    """Per image: the bounds of assert_matches_reference. Over the corpus: FAST_MAX_OFF_BY_ONE."""
+    off_by_one = off_by_two = values = 0
+    for label, data, reference in accuracy_corpus:
+        difference = np.abs(decode(data, fast=True).astype(int) - reference)
+        assert difference.max() <= FAST_MAX_LEVEL_DIFFERENCE, label
+        assert (difference >= 1).mean() <= FAST_MAX_OFF_BY_ONE_PER_IMAGE, label
+        assert (difference >= 2).mean() <= FAST_MAX_OFF_BY_TWO, label
+        off_by_one += (difference >= 1).sum()
+        off_by_two += (difference >= 2).sum()
+        values += difference.size
+    assert off_by_one / values <= FAST_MAX_OFF_BY_ONE
+    assert off_by_two / values <= FAST_MAX_OFF_BY_TWO
+
+
+def test_the_exact_path_resamples_the_whole_extent_because_a_box_is_rounded_to_c_floats():
+    """The demo's blurred cat at 294 x 256: resampling only the crop's box is 2 levels off the reference.
+
+    Pillow takes the box edges (16 * 294 / 257, ...) as C floats, so its filter weights move a step here and
+    there; the first pass rounds 1 level off on a few values and the second (weights up to 1.25 in absolute
+    sum) carries that to 2. The exact path gives every pass the reference's whole-side geometry instead.
+    """
+    cat = Image.fromarray(skimage.data.chelsea())
+    blurred = cat.filter(ImageFilter.GaussianBlur(radius=max(cat.size) / 80))  # sample_data's "blurred"
+    data = encode(blurred.resize((294, 256), Image.Resampling.LANCZOS), "PNG")
+    reference = to_uint8(reference_tensor(data))
+    boxed = _resize_box(Image.open(io.BytesIO(data)), center_crop_box(294, 256, SIZE), SIZE,
+                        Image.Resampling.BICUBIC, vertical_first=False)
+    assert np.abs(np.asarray(boxed).astype(int) - reference).max() == 2
+    assert np.array_equal(decode(data), reference)
+
+
+@both_paths
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_tall_portraits_are_resampled_in_the_references_pass_order(fast, orientation):
+    """Pillow 13 resamples downscaled portraits over 2:1 vertically first; torch always goes horizontal first.
+
+    In torch's order, 12-23% of the values of such photos are off, by up to 5 levels (each pass rounds).
+    """
+    upright = ImageOps.fit(Image.fromarray(skimage.data.coffee()), (300, 900), Image.Resampling.LANCZOS)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = upright if orientation == 1 else upright.transpose(Image.Transpose.ROTATE_90)  # 6 turns it back
+    data = encode(stored, "JPEG", quality=95, exif=exif)
+    reference = reference_tensor(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))
+    assert_matches_reference(decode(data, fast=fast), reference, fast=fast)
+
+
+def test_panoramas_past_the_exact_limit_stay_within_two_levels():
+    """Past MAX_EXACT_RESIZE_CROPS only the crop's box is resampled: the float box edges, 2 levels at most."""
+    width, height = 64 * MAX_EXACT_RESIZE_CROPS * 4 // 3, 64  # 21.3:1
+    assert max(resized_size(width, height, SIZE)) > MAX_EXACT_RESIZE_CROPS * SIZE
+    data = corpus_image("astronaut", width, height, "PNG", 0)
+    for fast in (False, True):
+        difference = level_differences(decode(data, fast=fast), reference_tensor(data))
+        assert 0 < difference.max() <= FAST_MAX_LEVEL_DIFFERENCE  # not the reference's pixels, but close
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_the_readme_states_the_bounds_the_tests_assert():
+    """README.md's "Decoding" section states pipeline.images' bounds, and its measured figures keep to them."""
+    section = README.read_text().split("\n## Decoding\n", 1)[1].split("\n## ", 1)[0]
+    text = " ".join(section.split())
+    for claim in (
+        f"**{EXACT_MAX_LEVEL_DIFFERENCE} levels off**, the reference's pixels bit for bit, "
+        f"up to {MAX_EXACT_RESIZE_CROPS}:1",
+        f"Past {MAX_EXACT_RESIZE_CROPS}:1 only the crop's box is resampled, whose edges Pillow rounds to C "
+        f"floats: at most {FAST_MAX_LEVEL_DIFFERENCE} levels off while the long side is under 16 384 px",
+        f"JPEGs whose shortest side is under {2 * LEAST_SIDE} px): "
+        f"**at most {FAST_MAX_LEVEL_DIFFERENCE} levels off**",
+        f"at most {FAST_MAX_OFF_BY_ONE:.0%} of a set of images' values off by 1 or more",
+        f"at most {FAST_MAX_OFF_BY_ONE_PER_IMAGE:.0%} of any one image's",
+        f"at most {FAST_MAX_OFF_BY_TWO:.2%} of any one image's off by 2",
+    ):
+        assert claim in text, claim
+    measured = re.search(r"Measured \(\d+ images\): ([\d.]+)% of values off by 1 or more and ([\d.]+)% .* off by 2; "
+                         r"worst image ([\d.]+)% off by 1 or more and ([\d.]+)% off by 2", text)
+    assert measured, "the fast path's measured figures"
+    off_by_one, off_by_two, worst_one, worst_two = (float(value) / 100 for value in measured.groups())
+    assert off_by_one <= FAST_MAX_OFF_BY_ONE and off_by_two <= FAST_MAX_OFF_BY_TWO
+    assert worst_one <= FAST_MAX_OFF_BY_ONE_PER_IMAGE and worst_two <= FAST_MAX_OFF_BY_TWO
+
+
+def torch_resampling_digest() -> str:
+    """torch's kernel for this process, and a digest of what the fast path's resampling gives on a few shapes
+    (upscaled, downscaled, portrait over 2:1; bicubic and bilinear)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for width, height in ((37, 48), (300, 200), (256, 700)):
+        for interpolation in ("bicubic", "bilinear"):
+            digest.update(_resize_and_crop(photo(width, height), width, height, 1, SIZE, interpolation).tobytes())
+    return f"{torch.backends.cpu.get_cpu_capability()} {digest.hexdigest()}"
+
+
+def test_torchs_resampling_gives_the_same_bytes_on_any_cpu():
+    """The fast path's figures do not depend on the CPU: torch's uint8 resampling sums the same int16 weights
+    in every kernel, and its scalar one (a CPU without AVX2 gets it) gives the bytes this machine's gives.
+
+    ATEN_CPU_CAPABILITY picks torch's kernel when it starts, hence a fresh process.
+    """
+    scalar = subprocess.run(
+        [sys.executable, "-c", "from tests.test_images import torch_resampling_digest as d; print(d())"],
+        env=dict(os.environ, ATEN_CPU_CAPABILITY="default"), cwd=Path(__file__).resolve().parents[1],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    capability, digest = torch_resampling_digest().split()
+    assert scalar[0] == "DEFAULT"
+    assert scalar[1] == digest, f"torch's scalar kernel and its {capability} kernel disagree"
 
 
 @pytest.mark.parametrize("name, portrait", [("astronaut", False), ("chelsea", True), ("rocket", False)])
@@ -235,7 +404,7 @@ def test_exif_orientation_reports_the_upright_size_and_can_be_turned_off():
     out = np.zeros((SIZE, SIZE, 3), np.uint8)
     assert decode_square(data, out, max_pixels=NO_LIMIT) == (200, 320)
     assert decode_square(data, out, max_pixels=NO_LIMIT, apply_exif_orientation=False) == (320, 200)
-    assert_matches_reference(out, reference_tensor(data))  # unrotated: exactly the reference
+    assert_matches_reference(out, reference_tensor(data), fast=True)  # unrotated: the reference (fast path)
 
 
 @both_paths

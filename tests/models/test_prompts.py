@@ -22,6 +22,7 @@ from pipeline.models.prompts import (
     parse_prompt_sets,
     prompt_column,
 )
+from tests.tolerances import as_float64, assert_within, gamma, unit_mean
 
 DIM = 16
 
@@ -39,9 +40,10 @@ class _StubTextTower:
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.table[tokens[:, 0]]
 
-    def unit(self, text: str) -> torch.Tensor:
-        self.tokenizer([text])
-        return F.normalize(self.table[self.ids[text]], dim=0)
+    def rows(self, *texts: str) -> torch.Tensor:
+        """The raw vectors of ``texts``, as encode_text gives them."""
+        self.tokenizer(list(texts))
+        return self.table[[self.ids[text] for text in texts]]
 
 
 @pytest.fixture
@@ -56,6 +58,36 @@ def _stub_clip(tower: _StubTextTower) -> SimpleNamespace:
 
 def _images(n: int = 7, dim: int = DIM) -> torch.Tensor:
     return F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(1)), dim=1)
+
+
+def _similarity(images: torch.Tensor, *sides: tuple[np.ndarray, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The exact (float64) score of a set against unit ``images`` -- the similarity to the first side's
+    direction, minus that to the second's if given -- and the bound on a float32 PromptBank score's distance
+    from it. ``sides`` are :func:`tests.tolerances.unit_mean` results (direction, bound on the float32
+    direction's distance from it). Per side: the dot product of D terms plus the subtraction, gamma_{D+1}
+    |x| . |d|, and the direction's error, at most ||x|| eps (Cauchy-Schwarz)."""
+    x = as_float64(images)
+    value = x @ sides[0][0] - (x @ sides[1][0] if len(sides) > 1 else 0.0)
+    bound = sum(gamma(x.shape[1] + 1) * np.abs(x) @ np.abs(direction) + np.linalg.norm(x, axis=1) * error
+                for direction, error in sides)
+    return value, bound
+
+
+def _best_class(images: torch.Tensor, positives: list,
+                negatives: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A best_class set's exact score, its bound, and the class each image takes: the one whose positive +
+    negative similarity is highest, which must win by more than the rounding of those sums can move them
+    (else float32 might pick another)."""
+    pairs = [_similarity(images, p) + _similarity(images, n) for p, n in zip(positives, negatives)]
+    sums = np.stack([p + n for p, _, n, _ in pairs], axis=1)
+    sum_bounds = np.stack([bp + bn for _, bp, _, bn in pairs], axis=1) + gamma(1) * np.abs(sums)
+    best = sums.argmax(axis=1)
+    rows = np.arange(len(best))
+    runner_up = np.where(np.arange(sums.shape[1]) == best[:, None], -np.inf, sums + sum_bounds).max(axis=1)
+    assert (sums[rows, best] - sum_bounds[rows, best] > runner_up).all(), "a near tie between classes"
+    value = np.stack([p - n for p, _, n, _ in pairs], axis=1)[rows, best]
+    bound = np.stack([bp + bn for _, bp, _, bn in pairs], axis=1)[rows, best]
+    return value, bound, best
 
 
 def _sets(text: str, **kwargs):
@@ -133,8 +165,8 @@ def test_a_fixed_pair_scores_cos_positive_minus_cos_negative(tower) -> None:
         sets: {pair: {positive: good, negative: bad}}
     """))
     images = _images()
-    expected = images @ tower.unit("good") - images @ tower.unit("bad")
-    np.testing.assert_allclose(bank.score(images)["score_prompt_pair"], expected.numpy(), atol=1e-6)
+    expected, bound = _similarity(images, unit_mean(tower.rows("good")), unit_mean(tower.rows("bad")))
+    assert_within(bank.score(images)["score_prompt_pair"], expected, bound, "pair")
 
 
 def test_ensembling_averages_unit_vectors_and_renormalises(tower) -> None:
@@ -145,13 +177,12 @@ def test_ensembling_averages_unit_vectors_and_renormalises(tower) -> None:
           with_classes: {positive: ["x {class}", "y {class}"], negative: "z {class}", classes: [p, q]}
     """))
     images = _images()
-    averaged = F.normalize(tower.unit("a") + tower.unit("b") + tower.unit("c"), dim=0)
     scores = bank.score(images)
-    np.testing.assert_allclose(scores["score_prompt_pos_only"], (images @ averaged).numpy(), atol=1e-6)
-    positive = F.normalize(sum(tower.unit(t) for t in ("x p", "y p", "x q", "y q")), dim=0)
-    negative = F.normalize(tower.unit("z p") + tower.unit("z q"), dim=0)
-    np.testing.assert_allclose(scores["score_prompt_with_classes"], (images @ positive - images @ negative).numpy(),
-                               atol=1e-6)
+    expected, bound = _similarity(images, unit_mean(tower.rows("a", "b", "c")))
+    assert_within(scores["score_prompt_pos_only"], expected, bound, "pos_only")
+    expected, bound = _similarity(images, unit_mean(tower.rows("x p", "y p", "x q", "y q")),
+                                  unit_mean(tower.rows("z p", "z q")))
+    assert_within(scores["score_prompt_with_classes"], expected, bound, "with_classes")
     # Ensembles cost one vector per side, however many prompts: 1 + 2 + the zero column.
     assert bank.prompt_count == 4
 
@@ -165,11 +196,17 @@ def test_swapping_positive_and_negative_flips_the_sign(tower) -> None:
           forward_context: {positive: "good {class}", negative: "bad {class}", classes: [a, b, c], combine: best_class}
           backward_context: {positive: "bad {class}", negative: "good {class}", classes: [a, b, c], combine: best_class}
     """))
-    scores = bank.score(_images(20))
+    images = _images(20)
+    scores = bank.score(images)
     assert np.abs(scores["score_prompt_forward"]).min() > 0
-    np.testing.assert_array_equal(scores["score_prompt_forward"], -scores["score_prompt_backward"])
-    np.testing.assert_allclose(scores["score_prompt_forward_context"], -scores["score_prompt_backward_context"],
-                               atol=1e-7)
+    # Each is within its float32 bound of the exact value (the other's negative), so of each other by twice it.
+    _, bound = _similarity(images, unit_mean(tower.rows("good", "fine")), unit_mean(tower.rows("bad", "awful")))
+    assert_within(scores["score_prompt_forward"], -scores["score_prompt_backward"], 2 * bound, "swapped pair")
+    classes = ("a", "b", "c")
+    _, bound, _ = _best_class(images, [unit_mean(tower.rows(f"good {c}")) for c in classes],
+                              [unit_mean(tower.rows(f"bad {c}")) for c in classes])
+    assert_within(scores["score_prompt_forward_context"], -scores["score_prompt_backward_context"], 2 * bound,
+                  "swapped best_class")
 
 
 def test_best_class_takes_the_pair_of_the_class_the_image_matches_best(tower) -> None:
@@ -183,13 +220,10 @@ def test_best_class_takes_the_pair_of_the_class_the_image_matches_best(tower) ->
             combine: best_class
     """))
     images = _images(30)
-    pos = torch.stack([F.normalize(tower.unit(f"good {c}") + tower.unit(f"great {c}"), dim=0)
-                       for c in ("dog", "cat", "car")])
-    neg = torch.stack([tower.unit(f"bad {c}") for c in ("dog", "cat", "car")])
-    pos_sim, neg_sim = images @ pos.T, images @ neg.T
-    best = (pos_sim + neg_sim).argmax(dim=1)
-    expected = pos_sim[torch.arange(30), best] - neg_sim[torch.arange(30), best]
-    np.testing.assert_allclose(bank.score(images)["score_prompt_context"], expected.numpy(), atol=1e-6)
+    classes = ("dog", "cat", "car")
+    expected, bound, best = _best_class(images, [unit_mean(tower.rows(f"good {c}", f"great {c}")) for c in classes],
+                                        [unit_mean(tower.rows(f"bad {c}")) for c in classes])
+    assert_within(bank.score(images)["score_prompt_context"], expected, bound, "best_class")
     assert len(set(best.tolist())) > 1  # the images really pick different contexts
 
 
@@ -218,9 +252,23 @@ def tiny_clip():
     return load_clip(ModelConfig(name="tiny-random", device="cpu", precision="fp32", seed=0))
 
 
+class _RecordingTextTower:
+    """Stands in for the CLIP model: runs its text tower and keeps each batch of tokens and embeddings."""
+
+    def __init__(self, model) -> None:
+        self.model, self.tokens, self.embeddings = model, [], []
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        embeddings = self.model.encode_text(tokens)
+        self.tokens.append(tokens.clone())
+        self.embeddings.append(embeddings.detach().clone())
+        return embeddings
+
+
 def test_default_prompt_bank_on_tiny_random(tiny_clip) -> None:
     prompt_sets = load_prompt_sets("default")
-    bank = PromptBank.build(tiny_clip, prompt_sets)
+    recorder = _RecordingTextTower(tiny_clip.model)
+    bank = PromptBank.build(dataclasses.replace(tiny_clip, model=recorder), prompt_sets)
     images = _images(5, tiny_clip.embed_dim)
     scores = bank.score(images)
     assert list(scores) == list(prompt_sets.columns)
@@ -228,12 +276,17 @@ def test_default_prompt_bank_on_tiny_random(tiny_clip) -> None:
         assert values.dtype == np.float32 and values.shape == (5,) and np.isfinite(values).all()
         assert np.abs(values).max() <= 2  # a difference of two cosines
 
-    # The fixed pair by hand, through the real tokenizer and text tower.
-    with torch.inference_mode():
-        text = F.normalize(tiny_clip.model.encode_text(tiny_clip.tokenizer(
-            ["an outstanding picture", "a horrible picture"])).float(), dim=-1)
-    expected = (images @ text[0] - images @ text[1]).numpy()
-    np.testing.assert_allclose(scores["score_prompt_aesthetic"], expected, atol=1e-5)
+    # The fixed pair by hand, from the real tokenizer's tokens and what the text tower made of them. (The
+    # tower's float32 output for a prompt may depend on the batch it ran in, so it is taken as it came out.)
+    tokens, embeddings = torch.cat(recorder.tokens), torch.cat(recorder.embeddings)
+
+    def tower_output(text: str) -> torch.Tensor:
+        (row,) = torch.nonzero((tokens == tiny_clip.tokenizer([text])[0]).all(dim=1))[:, 0].tolist()
+        return embeddings[row]
+
+    expected, bound = _similarity(images, unit_mean(tower_output("an outstanding picture")),
+                                  unit_mean(tower_output("a horrible picture")))
+    assert_within(scores["score_prompt_aesthetic"], expected, bound, "aesthetic")
 
 
 def test_a_changed_prompt_changes_the_identity() -> None:

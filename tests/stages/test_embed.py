@@ -14,6 +14,15 @@ from pipeline.models.clip import LoadedClip, load_clip
 from pipeline.models.heads import EmbeddingDimMismatch, Head, HeadBank
 from pipeline.schema import Status
 from pipeline.stages.embed import EmbedScore
+from tests.tolerances import (
+    as_float64,
+    assert_within,
+    gamma,
+    head_reference,
+    normalize_error_bound,
+    unit_mean,
+    unit_roundoff,
+)
 
 TINY = ModelConfig(name="tiny-random", device="cpu", precision="fp32", seed=0)
 STATUSES = ("ok", "decode_error", "ok", "no_image", "ok", "ok")
@@ -52,6 +61,36 @@ def head_bank() -> HeadBank:
     return HeadBank.from_state_dicts(_head_state_dicts().items())
 
 
+class _Recording:
+    """Stands in for the CLIP model: runs it and keeps what each of its towers was given and gave back."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.images, self.image_features, self.tokens, self.text_features = [], [], [], []
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.model.encode_image(images)
+        self.images.append(images.clone())
+        self.image_features.append(features.clone())
+        return features
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        features = self.model.encode_text(tokens)
+        self.tokens.append(tokens.clone())
+        self.text_features.append(features.clone())
+        return features
+
+
+def _check_model_input(clip: LoadedClip, pixels: np.ndarray, model_input: torch.Tensor) -> None:
+    """What the model was given is (x / 255 - mean) / std of the uint8 NHWC pixels, as NCHW, to within
+    float32 rounding. The stage computes x * (1 / (255 std)) - mean / std: the scale rounds twice and the
+    product once (gamma_3 of |x| / (255 std)), the shift once, the difference once: gamma_4 of the magnitudes."""
+    x = as_float64(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    mean, std = (as_float64(torch.tensor(v)).reshape(1, 3, 1, 1) for v in (clip.mean, clip.std))
+    assert model_input.dtype == torch.float32 and model_input.shape == x.shape
+    assert_within(model_input, (x / 255 - mean) / std, gamma(4) * (x / 255 + np.abs(mean)) / std, "model input")
+
+
 def _stage(clip: LoadedClip, bank: HeadBank, **kwargs) -> EmbedScore:
     return EmbedScore(TINY, HEAD_SPECS, loader=lambda: (clip, bank), **kwargs)
 
@@ -85,7 +124,11 @@ def test_scores_ok_rows_and_passes_the_others_through(tiny_clip, head_bank) -> N
 
     embeddings = out[schema.EMBEDDING]
     assert embeddings.dtype == np.float16 and embeddings.shape == (6, 768)
-    np.testing.assert_allclose(np.linalg.norm(embeddings[ok].astype(np.float32), axis=1), 1.0, atol=2e-3)
+    # Unit length up to fp16 storage: each component rounded by at most u (2**-11) relative, or 2**-25 below
+    # fp16's normal range; the stage's float32 normalisation and this norm add gamma_{D/2+2} each.
+    dim = embeddings.shape[1]
+    bound = unit_roundoff(np.float16) + np.sqrt(dim) * 2.0 ** -25 + 2 * gamma(dim // 2 + 2)
+    assert_within(np.linalg.norm(embeddings[ok].astype(np.float32), axis=1), 1.0, bound, "stored embedding norms")
     assert not embeddings[~ok].any()
 
     assert set(out[schema.MODEL]) == {"tiny-random(seed=0)"}
@@ -93,16 +136,20 @@ def test_scores_ok_rows_and_passes_the_others_through(tiny_clip, head_bank) -> N
 
 
 def test_scores_match_the_heads_on_the_model_embedding(tiny_clip, head_bank) -> None:
-    """The stage's normalisation + encode + heads equal doing it by hand in float32."""
+    """The stage's normalisation, then the heads on the model's unit embedding, each to within its float32
+    rounding bound. (The tiny model itself runs as it runs: its float32 output is taken as it came out.)"""
     batch = _batch(statuses=("ok",) * 6)
-    out = _stage(tiny_clip, head_bank)(batch)
-    pixels = torch.from_numpy(batch[schema.PIXELS]).permute(0, 3, 1, 2).float() / 255
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (tiny_clip.mean, tiny_clip.std))
-    with torch.inference_mode():
-        features = tiny_clip.model.encode_image((pixels - mean) / std)
-    expected = head_bank.score(torch.nn.functional.normalize(features, dim=-1))
-    np.testing.assert_allclose(out[schema.AESTHETIC_SCORE], expected["v2-like"], rtol=0, atol=1e-4)
-    np.testing.assert_allclose(out[schema.score_column("relu+like")], expected["relu+like"], rtol=0, atol=1e-4)
+    recording = _Recording(tiny_clip.model)
+    out = _stage(dataclasses.replace(tiny_clip, model=recording), head_bank)(batch)
+    (model_input,), (features,) = recording.images, recording.image_features
+    _check_model_input(tiny_clip, batch[schema.PIXELS], model_input)
+    unit = as_float64(features) / np.linalg.norm(as_float64(features), axis=1, keepdims=True)
+    for head, column in zip(head_bank.heads, (schema.AESTHETIC_SCORE, schema.score_column("v1.like"),
+                                              schema.score_column("relu+like"))):
+        # Within the bank's float32 bound of the head's exact score, given that the unit embedding was
+        # itself normalised in float32.
+        expected, bound = head_reference(head, unit, input_error=normalize_error_bound(features))
+        assert_within(out[column], expected, bound, column)
 
 
 def test_results_are_deterministic_for_a_seed(head_bank) -> None:
@@ -210,25 +257,41 @@ def prompt_file(tmp_path):
 
 
 def test_prompts_add_one_column_per_set(tiny_clip, head_bank, prompt_file) -> None:
-    from pipeline.models.prompts import PromptBank, load_prompt_sets
-
     batch = _batch()
-    stage = _stage(tiny_clip, head_bank, prompts=prompt_file)
+    recording = _Recording(tiny_clip.model)
+    stage = _stage(dataclasses.replace(tiny_clip, model=recording), head_bank, prompts=prompt_file)
     out = stage(batch)
     ok = np.array([s == "ok" for s in STATUSES])
     columns = ("score_prompt_aesthetic", "score_prompt_lighting")
     assert stage.score_columns[-2:] == columns
     assert stage.prompt_identity.startswith("prompts:prompts.yaml@")
 
-    pixels = torch.from_numpy(batch[schema.PIXELS]).permute(0, 3, 1, 2).float() / 255
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (tiny_clip.mean, tiny_clip.std))
-    with torch.inference_mode():
-        unit = torch.nn.functional.normalize(tiny_clip.model.encode_image((pixels - mean) / std), dim=-1)
-    expected = PromptBank.build(tiny_clip, load_prompt_sets(prompt_file)).score(unit)
+    # Each set, by hand, from what the towers gave: the ok rows' unit image embeddings against the unit
+    # mean of each side's prompt embeddings (as the text tower produced them, in whatever batch).
+    (model_input,), (features,) = recording.images, recording.image_features
+    _check_model_input(tiny_clip, batch[schema.PIXELS][ok], model_input)
+    tokens, text_features = torch.cat(recording.tokens), torch.cat(recording.text_features)
+
+    def side(*texts: str) -> tuple[np.ndarray, float]:
+        rows = [int(torch.nonzero((tokens == tiny_clip.tokenizer([text])[0]).all(dim=1))[0, 0]) for text in texts]
+        return unit_mean(text_features[rows])
+
+    sets = {"score_prompt_aesthetic": (side("an outstanding picture"), side("a horrible picture")),
+            "score_prompt_lighting": (side("a photo with beautiful lighting", "a well-lit photo"),
+                                      side("a photo with poor lighting", "a badly lit photo"))}
+    unit = as_float64(features) / np.linalg.norm(as_float64(features), axis=1, keepdims=True)
+    unit_error = normalize_error_bound(features)
     for column in columns:
         assert out[column].dtype == np.float32 and out[column].shape == (6,)
         assert np.isnan(out[column][~ok]).all()
-        np.testing.assert_allclose(out[column][ok], expected[column][ok], rtol=0, atol=1e-5)
+        # Per side: the dot product and the subtraction (gamma_{D+1} |x| . |d|), the direction's float32
+        # error (||x|| eps, Cauchy-Schwarz) and the image embedding's normalisation error (e . |d|).
+        expected, bound = 0.0, 0.0
+        for sign, (direction, error) in zip((1, -1), sets[column]):
+            expected = expected + sign * unit @ direction
+            bound = bound + (gamma(unit.shape[1] + 1) * (np.abs(unit) + unit_error) @ np.abs(direction)
+                             + np.linalg.norm(unit, axis=1) * error + unit_error @ np.abs(direction))
+        assert_within(out[column][ok], expected, bound, column)
     # The heads are unchanged by the prompts riding along.
     without = _stage(tiny_clip, head_bank)(batch)
     np.testing.assert_array_equal(out[schema.AESTHETIC_SCORE], without[schema.AESTHETIC_SCORE])

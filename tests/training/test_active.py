@@ -10,6 +10,7 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.training.active import label_sheet, nearest_to_boundary, select_uncertain, write_label_sheet
 from pipeline.training.labels import parse_keep_trash_csv
+from tests.tolerances import assert_within, dot_error_bound
 from tests.training import synthetic
 
 
@@ -72,7 +73,9 @@ def test_select_with_a_head_file_scores_the_stored_embeddings(scored, tmp_path) 
     assert keys[0] not in set(sheet["key"])  # decode_error rows are never candidates
     stored = embeddings.astype(np.float16).astype(np.float32)
     rows = [keys.index(k) for k in sheet["key"]]
-    np.testing.assert_allclose(sheet["score"], stored[rows] @ weight.numpy(), atol=1e-4)
+    # The stored (fp16) embeddings through the head, exactly, and the bank's float32 bound (bias included).
+    assert_within(sheet["score"], stored[rows].astype(np.float64) @ weight.double().numpy(),
+                  dot_error_bound(stored[rows], weight, bias=np.zeros(1)), "scores from the head file")
     with pytest.raises(ConfigError, match="exactly one"):
         select_uncertain(str(folder), 5.0, 5)
 

@@ -3,6 +3,7 @@ and the train-head job end to end."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -30,6 +31,7 @@ from pipeline.training.train_head import (
     train_head,
     train_many,
 )
+from tests.tolerances import assert_within, folded_error_bound, head_reference, linear_layers, mlp_error_bound
 from tests.training import synthetic
 
 ROWS, DIM = 1500, 32
@@ -85,7 +87,11 @@ def test_mlp_heads_save_in_the_laion_layouts_and_load_like_them(planted, tmp_pat
     bank = load_head_bank([HeadSpec(arch, WeightsSpec(str(tmp_path / f"{arch}.pth"), record["sha256"]))])
     assert bank.identities == (f"{arch}@{record['sha256'][:12]}",)
     scored = bank.score(torch.from_numpy(planted["embeddings"]))[arch]
-    np.testing.assert_allclose(scored, trained.predict(planted["embeddings"]), atol=1e-5)
+    # The loaded file and predict both score with a HeadBank of these parameters: each is within the bank's
+    # float32 bound of the exact score.
+    expected, bound = head_reference(bank.heads[0], planted["embeddings"])
+    assert_within(scored, expected, bound, "scored from the file")
+    assert_within(trained.predict(planted["embeddings"]), expected, bound, "predict")
     held_out = trained.split == TEST
     assert spearman(scored[held_out], planted["truth"][held_out]) > 0.9
 
@@ -97,10 +103,22 @@ def test_export_folds_the_standardisation_into_the_file_exactly(arch) -> None:
     module = build_head_module(TrainConfig(arch=arch, hidden=SMALL_MLP), DIM).eval()
     mean, scale = torch.randn(DIM, generator=generator) * 0.1, torch.rand(DIM, generator=generator) + 0.05
     embeddings = torch.nn.functional.normalize(torch.randn(50, DIM, generator=generator), dim=1)
-    with torch.no_grad():
-        expected = module((embeddings - mean) / scale)[:, 0] * 1.7 + 5.3
-    head = Head.from_state_dict("folded", export_state_dict(module, mean, scale, 5.3, 1.7))
-    np.testing.assert_allclose(HeadBank([head]).score(embeddings)["folded"], expected.numpy(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # in float64: the exact value, to ~2**-29 of the float32 bound below
+        reference = copy.deepcopy(module).double()
+        expected = reference((embeddings.double() - mean.double()) / scale.double())[:, 0] * 1.7 + 5.3
+    state_dict = export_state_dict(module, mean, scale, 5.3, 1.7)
+    head = Head.from_state_dict("folded", state_dict)
+    # The file's first and last layers are rescaled in float64 and rounded to float32 (one rounding each,
+    # carried through the other layers); the bank then folds the layers and takes one float32 dot product,
+    # or runs the ReLU MLP in float32.
+    layers = linear_layers(state_dict)
+    rescaled = {0, len(layers) - 1}
+    if head.foldable:
+        bound = (folded_error_bound(layers, embeddings)
+                 + mlp_error_bound(layers, embeddings, rounded=rescaled, evaluated=False)[:, 0])
+    else:
+        bound = mlp_error_bound(layers, embeddings, relu=True, rounded=rescaled)[:, 0]
+    assert_within(HeadBank([head]).score(embeddings)["folded"], expected.numpy(), bound, arch)
 
 
 def test_keep_trash_labels_train_a_logit_head(planted) -> None:
