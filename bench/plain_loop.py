@@ -24,7 +24,8 @@ from pipeline.cutoffs import write_cutoffs
 from pipeline.io.shards import list_shards, plan_units
 from pipeline.io.writer import WriteStaging, commit_unit
 from pipeline.models.clip import image_geometry
-from pipeline.runner import _identity, new_run_id
+from pipeline.planning import run_identity
+from pipeline.runner import new_run_id
 from pipeline.stages.decode import Decode
 from pipeline.stages.embed import EmbedScore
 from pipeline.stages.read import read_shard_rows, to_table
@@ -73,7 +74,7 @@ def run_plain(config: ScoreConfig, embed_loader: Any = None, run_id: str | None 
         config.model, config.heads, write_embeddings=config.write_embeddings, search_dirs=config.weights_dirs,
         storage_options=config.storage_options, loader=embed_loader))
     staging = WriteStaging(config.output, summary.run_id, config.storage_options)
-    identity = _identity(config, config.shards_per_unit)
+    identity = run_identity(config, config.shards_per_unit)
     batch_size = config.resources.embed_batch_size
 
     for unit in units:

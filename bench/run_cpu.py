@@ -192,7 +192,7 @@ def stage_benchmarks(shards: str, batch_size: int) -> dict[str, Any]:
 def ray_start() -> dict[str, Any]:
     import ray
 
-    from pipeline.runner import start_local_ray
+    from pipeline.ray_session import start_local_ray
 
     started = time.perf_counter()
     start_local_ray(num_cpus=2, log_to_driver=False, configure_logging=False)

@@ -6,16 +6,17 @@ No pipeline logic lives here; every subcommand is a thin shell over a `pipeline`
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
+import traceback
 from typing import Any, Sequence
 
 import yaml
 
+from pipeline.commands.options import add_storage_options
 from pipeline.config import ConfigError, ScoreConfig, config_from_mapping
-
-EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+from pipeline.errors import ExitCode, explain
+from pipeline.io import layout
 
 # Modules under pipeline/commands that add subcommands: each has register(commands) -> None.
 COMMAND_MODULES: tuple[str, ...] = ("pipeline.commands.analysis", "pipeline.commands.cluster", "pipeline.commands.heads")
@@ -28,16 +29,6 @@ TINY_WARNING = (
     "!! (a hub tag, or a path/URI of ViT-L-14-quickgelu OpenAI weights).\n"
     + "!" * 78 + "\n"
 )
-
-
-def _storage_option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"storage option {text!r} is not KEY=VALUE")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
 
 
 def _head(text: str) -> dict[str, Any]:
@@ -75,15 +66,30 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full-size decode (slower) instead of JPEG DCT downscaling")
     parser.add_argument("--rescore", action="store_true", default=None,
                         help="redo units scored with another model or head")
-    parser.add_argument("--storage-option", action="append", type=_storage_option,
-                        help="fsspec option KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:9000 (no credentials)")
+    add_storage_options(parser)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The settings in a YAML file, as a mapping; any problem with the file is a ConfigError."""
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle)
+    except OSError as error:
+        raise ConfigError(f"--config {path}: {error.strerror or error}") from error
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"--config {path} is not valid YAML: {problem}{where}") from error
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of settings, not a {type(values).__name__}")
+    return values
 
 
 def config_from_args(args: argparse.Namespace) -> ScoreConfig:
-    values: dict[str, Any] = {}
-    if args.config:
-        with open(args.config) as handle:
-            values = yaml.safe_load(handle) or {}
+    values: dict[str, Any] = read_config_file(args.config) if args.config else {}
     model = dict(values.get("model", {}))
     resources = dict(values.get("resources", {}))
     decode = dict(values.get("decode", {}))
@@ -122,38 +128,27 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
     return config_from_mapping(values)
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    from pipeline.runner import run_score
+def run_scoring(args: argparse.Namespace) -> int:
+    """`score` and `nightly`: both score what is pending; `nightly` also says what it found to do."""
+    from pipeline.preflight import prepare_run
+    from pipeline.runner import run_prepared
 
-    config = config_from_args(args)
-    if config.model.is_tiny_random:
-        print(TINY_WARNING, file=sys.stderr)
-    summary = run_score(config)
+    prepared = prepare_run(config_from_args(args))
+    config = prepared.config
+
+    def warn_if_tiny() -> None:
+        if config.model.is_tiny_random:
+            print(TINY_WARNING, file=sys.stderr)
+
+    summary = run_prepared(prepared, on_start=warn_if_tiny)
+    if args.command == "nightly":
+        reasons: dict[str, int] = {}
+        for why in summary.pending_reasons.values():
+            reasons[why] = reasons.get(why, 0) + 1
+        print(f"nightly: {len(summary.pending_reasons)} units to do ({reasons or 'none'})")
     print_summary(summary)
-    if config.model.is_tiny_random:
-        print(TINY_WARNING, file=sys.stderr)
-    return EXIT_OK if summary.ok else EXIT_RUN_FAILED
-
-
-def cmd_nightly(args: argparse.Namespace) -> int:
-    """Score only what arrived or changed since the last run; a second concurrent run backs off."""
-    from pipeline.io.lease import LeaseHeld
-    from pipeline.runner import run_score
-
-    config = config_from_args(args)
-    if config.model.is_tiny_random:
-        print(TINY_WARNING, file=sys.stderr)
-    try:
-        summary = run_score(config)
-    except LeaseHeld as exc:
-        print(f"aesthetics nightly: another run is active, nothing done: {exc}", file=sys.stderr)
-        return EXIT_BUSY
-    reasons: dict[str, int] = {}
-    for why in summary.pending_reasons.values():
-        reasons[why] = reasons.get(why, 0) + 1
-    print(f"nightly: {len(summary.pending_reasons)} units to do ({reasons or 'none'})")
-    print_summary(summary)
-    return EXIT_OK if summary.ok else EXIT_RUN_FAILED
+    warn_if_tiny()
+    return ExitCode.OK if summary.ok else ExitCode.FAILED
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -161,7 +156,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     report = unit_status(args.output, args.input, storage_options=dict(args.storage_option or []))
     print(report.to_text())
-    return EXIT_RUN_FAILED if report.failed else EXIT_OK
+    return ExitCode.FAILED if report.failed else ExitCode.OK
 
 
 def print_summary(summary: Any) -> None:
@@ -176,7 +171,7 @@ def print_summary(summary: Any) -> None:
         print()
         print(table.to_markdown())
     print(f"output: {summary.output} (Parquet under score_band=*/, manifests under _manifests/, "
-          f"cutoffs.md and cutoffs.json beside them)")
+          f"the cutoff table in {layout.CUTOFFS_MD} and {layout.CUTOFFS_JSON})")
 
 
 def cmd_cutoffs(args: argparse.Namespace) -> int:
@@ -185,35 +180,36 @@ def cmd_cutoffs(args: argparse.Namespace) -> int:
     options = dict(args.storage_option or [])
     tables = write_cutoffs(args.output, options)
     if not tables:
-        print(f"no committed units under {args.output}", file=sys.stderr)
-        return EXIT_RUN_FAILED
+        print(f"aesthetics: no committed units under {args.output}", file=sys.stderr)
+        return ExitCode.INPUT
     for table in tables:
         print(table.to_markdown())
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aesthetics", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the job does")
+    parser.add_argument("--debug", action="store_true", help="on failure, print the traceback too")
     commands = parser.add_subparsers(dest="command", required=True)
 
     score = commands.add_parser("score", help="score shards into partitioned Parquet and print the cutoff table")
     add_score_arguments(score)
-    score.set_defaults(run=cmd_score)
+    score.set_defaults(run=run_scoring)
 
     nightly = commands.add_parser("nightly", help="score only shards that are new or changed since the last run")
     add_score_arguments(nightly)
-    nightly.set_defaults(run=cmd_nightly)
+    nightly.set_defaults(run=run_scoring)
 
     status = commands.add_parser("status", help="units done / pending / failed, by model version, and why")
     status.add_argument("output")
     status.add_argument("--input", action="append", help="the shards (default: the last run's input)")
-    status.add_argument("--storage-option", action="append", type=_storage_option)
+    add_storage_options(status)
     status.set_defaults(run=cmd_status)
 
     cutoffs = commands.add_parser("cutoffs", help="the cutoff table of an output prefix, from its manifests")
     cutoffs.add_argument("output")
-    cutoffs.add_argument("--storage-option", action="append", type=_storage_option)
+    add_storage_options(cutoffs)
     cutoffs.set_defaults(run=cmd_cutoffs)
 
     import importlib
@@ -224,23 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; every failure ends in one ``aesthetics:`` line and an ExitCode (README)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.run(args)
-    except ConfigError as exc:
-        print(f"aesthetics: configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as exc:  # noqa: BLE001 - the top level turns any failure into a clear message
-        from pipeline.errors import explain
-
-        message = explain(exc)
-        if message is None:
-            raise
+        return int(args.run(args))
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the top level turns any failure into one line
+        code, message = explain(exc)
+        if args.debug:
+            traceback.print_exc()
         print(f"aesthetics: {message}", file=sys.stderr)
-        return EXIT_RUN_FAILED
+        return int(code)
 
 
 if __name__ == "__main__":

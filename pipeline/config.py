@@ -10,11 +10,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from pipeline.errors import UsageError
+
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration value is invalid; the message says which and why."""
 
 
@@ -85,6 +87,7 @@ DEFAULT_HEAD = "sac+logos+ava1-l14-linearMSE"
 
 # A random-weight stand-in for CLIP, for tests and for machines that reach no model hub.
 TINY_MODEL = "tiny-random"
+DEFAULT_PRETRAINED = "openai"
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class ModelConfig:
     """
 
     name: str = "ViT-L-14-quickgelu"
-    pretrained: str = "openai"
+    pretrained: str = DEFAULT_PRETRAINED
     pretrained_sha256: str | None = None
     precision: str = "fp16"
     device: str = "auto"
@@ -107,6 +110,11 @@ class ModelConfig:
         _require(bool(self.name), "model name must not be empty")
         _require(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         _require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.is_tiny_random:
+            _require(self.pretrained in ("", DEFAULT_PRETRAINED),
+                     f"{TINY_MODEL} has seeded random weights; it takes no pretrained weights ({self.pretrained!r})")
+            _require(self.pretrained_sha256 is None,
+                     f"--pretrained-sha256 pins a weights file, but {TINY_MODEL} has seeded random weights and no file")
         if self.pretrained_sha256 is not None:
             WeightsSpec(self.pretrained, self.pretrained_sha256)  # validates the digest
 
@@ -211,6 +219,9 @@ class ScoreConfig:
         names = [h.name for h in self.heads]
         _require(len(set(names)) == len(names), f"head names must be unique, got {names}")
         _require(self.shards_per_unit >= 1, "shards_per_unit must be >= 1")
+        gpus = self.resources.gpus_per_actor
+        _require(not (self.model.device == "cpu" and gpus), f"device cpu contradicts gpus_per_actor={gpus}")
+        _require(not (self.model.device == "cuda" and gpus == 0), "device cuda contradicts gpus_per_actor=0")
         _require(not any(k.lower() in _SECRET_OPTION_NAMES for k in self.storage_options),
                  "credentials do not belong in storage options: give them to the nodes' environment or roles")
 

@@ -90,7 +90,7 @@ def build_tables(manifests: Iterable[Mapping[str, Any]]) -> list[CutoffTable]:
 
 
 def write_cutoffs(output: str, storage_options: Mapping[str, Any] | None = None) -> list[CutoffTable]:
-    """Aggregate the committed manifests and write cutoffs.json and cutoffs.md beside the data."""
+    """Aggregate the committed manifests and write the cutoff table (JSON and Markdown) under the prefix."""
     tables = build_tables(read_manifests(output, storage_options).values())
     fs, root = filesystem(output, storage_options)
     write_json_atomic(fs, join(root, layout.CUTOFFS_JSON), {"tables": [t.to_json() for t in tables]})

@@ -25,11 +25,12 @@ STAGING_CPUS = 0.5  # staging writes are I/O; they should not hold a whole core 
 
 
 def gpus_per_actor(config: ScoreConfig) -> float:
-    """An explicit request wins; otherwise one GPU per actor when the cluster has any."""
+    """An explicit request wins; then the device the run decided on; with 'auto', one GPU per actor when the
+    cluster has any."""
     if config.resources.gpus_per_actor is not None:
         return config.resources.gpus_per_actor
-    if config.model.device == "cpu":
-        return 0.0
+    if config.model.device != "auto":
+        return 1.0 if config.model.device == "cuda" else 0.0
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 

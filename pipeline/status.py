@@ -14,7 +14,7 @@ from pipeline.io import layout
 from pipeline.io.manifests import read_manifests
 from pipeline.io.shards import plan_units, list_shards
 from pipeline.io.storage import filesystem, join, read_json
-from pipeline.runner import STALE, committed_shards_per_unit, pending_reason
+from pipeline.planning import STALE, committed_shards_per_unit, pending_reason
 
 
 @dataclass

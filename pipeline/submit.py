@@ -44,6 +44,7 @@ from typing import Any, Iterable, Mapping, Sequence, TextIO
 import yaml
 
 from pipeline.config import ConfigError
+from pipeline.errors import ExitCode, UnreachableError
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_ENV_FILE = Path("cluster") / "runtime_env.yaml"
 REQUIREMENTS_FILE = Path("cluster") / "requirements.txt"
 
-# Exit codes of `submit --wait` and `jobs ... --wait/--follow`: the job's terminal state.
-EXIT_SUCCEEDED, EXIT_FAILED, EXIT_USAGE, EXIT_DUPLICATE, EXIT_STOPPED, EXIT_UNREACHABLE = 0, 1, 2, 3, 4, 5
-EXIT_INTERRUPTED = 130
 
 # Always left out of the upload, on top of what cluster/runtime_env.yaml lists.
 BASE_EXCLUDES = (".git", ".venv", "venv", "demo-output", "bench-output", "*.tar", ".pytest_cache", "__pycache__")
@@ -80,7 +78,7 @@ class SubmitError(ConfigError):
     """The submission is refused before anything reaches the cluster; the message says why."""
 
 
-class ClusterUnreachable(RuntimeError):
+class ClusterUnreachable(UnreachableError):
     """The Jobs API did not answer, or refused our token."""
 
 
@@ -392,7 +390,7 @@ def submit(job_client, *, entrypoint_command: str, runtime_env: Mapping[str, Any
 def exit_code(status: Any) -> int:
     """The exit code for a job status: 0 succeeded, 1 failed, 4 stopped; non-terminal is not an outcome."""
     name = getattr(status, "value", str(status)).upper()
-    return {"SUCCEEDED": EXIT_SUCCEEDED, "FAILED": EXIT_FAILED, "STOPPED": EXIT_STOPPED}.get(name, EXIT_FAILED)
+    return {"SUCCEEDED": ExitCode.OK, "FAILED": ExitCode.FAILED, "STOPPED": ExitCode.STOPPED}.get(name, ExitCode.FAILED)
 
 
 def _is_terminal(status: Any) -> bool:

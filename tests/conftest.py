@@ -56,6 +56,36 @@ def sample_dataset(tmp_path_factory: pytest.TempPathFactory):
     )
 
 
+# CLIP weights --------------------------------------------------------------------------------
+
+TEST_ARCH = "tiny-arch-for-tests"  # the tiny architecture under another name, so it can take a weights file
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory: pytest.TempPathFactory):
+    """(path, state dict): a safetensors file of seeded weights for the tiny architecture registered as
+    TEST_ARCH, which (unlike tiny-random) loads its weights from a file as a real model does."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.models.clip import TINY_MODEL_CONFIG
+
+    directory = tmp_path_factory.mktemp("arch")
+    config_path = directory / f"{TEST_ARCH}.json"
+    config_path.write_text(json.dumps(json.loads(TINY_MODEL_CONFIG.read_text())))
+    if TEST_ARCH not in open_clip.list_models():
+        open_clip.add_model_config(config_path)
+    torch.manual_seed(7)
+    state_dict = {k: v.contiguous() for k, v in open_clip.create_model(TEST_ARCH).state_dict().items()}
+    path = directory / "weights" / "open_clip_model.safetensors"
+    path.parent.mkdir()
+    save_file(state_dict, str(path))
+    return path, state_dict
+
+
 # Local S3 ------------------------------------------------------------------------------------
 
 S3_ACCESS_KEY = "testing"
@@ -230,7 +260,7 @@ def ray_local(s3_server):
     the AWS_* variables, exactly as a node would take them from its environment."""
     import ray
 
-    from pipeline.runner import start_local_ray
+    from pipeline.ray_session import start_local_ray
 
     start_local_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

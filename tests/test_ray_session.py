@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 # In a fresh interpreter: this session may hold a Ray of its own already.
 _LISTENING = """
 import json, psutil, ray
-from pipeline.runner import ensure_ray
+from pipeline.ray_session import ensure_ray
 ensure_ray()
 assert ray.get(ray.remote(lambda: 1 + 1).remote()) == 2  # a worker started and answered
 ours = {p.pid for p in psutil.Process().children(recursive=True)}

@@ -101,8 +101,20 @@ class MissingEmbeddings(SelectionError):
 _PIN = re.compile(r"@[0-9a-f]{12}$")
 
 
+def model_config_of(manifest: Mapping[str, Any]) -> ModelConfig:
+    """The CLIP model that scored a unit, from its manifest's ``clip`` record (weights pinned by sha256);
+    manifests written before that record existed name it in their ``model_key``."""
+    clip = manifest.get("clip")
+    if not clip:
+        return model_config_from_key(manifest["model_key"])
+    if clip["name"] == TINY_MODEL:
+        return ModelConfig(name=TINY_MODEL, precision="fp32", seed=int(clip.get("seed") or 0))
+    return ModelConfig(name=clip["name"], pretrained=clip["pretrained"], pretrained_sha256=clip.get("sha256"),
+                       precision="fp32")
+
+
 def model_config_from_key(model_key: str) -> ModelConfig:
-    """The CLIP model a manifest's ``model_key`` names (``<name>/<weights>[@pin]|<heads>``)."""
+    """The CLIP model an older manifest's ``model_key`` names (``<name>/<weights>[@pin]|<heads>``)."""
     clip_part = model_key.split("|", 1)[0]
     name, _, weights = clip_part.partition("/")
     if not name or not weights:
@@ -158,8 +170,7 @@ def embed_query(query: str, manifests: Mapping[str, Mapping[str, Any]], model: M
     if not recorded:
         raise SelectionError("no committed unit records a model identity")
     if model is None:
-        keys = sorted({m["model_key"] for m in manifests.values()})
-        configs = {model_config_from_key(k) for k in keys}
+        configs = {model_config_of(m) for m in manifests.values()}
         if len(configs) > 1:
             raise SelectionError(f"the units were scored with {len(configs)} models ({sorted(recorded)}); "
                                  f"choose one with --model/--pretrained")
@@ -319,7 +330,7 @@ def _candidates_ray(uris: Sequence[str], query: np.ndarray, min_score: float | N
     """One Ray task per file; results merged into the running top-``limit`` as they come back."""
     import ray
 
-    from pipeline.runner import ensure_ray
+    from pipeline.ray_session import ensure_ray
 
     ensure_ray()
     remote = ray.remote(num_cpus=1, max_retries=2)(file_candidates)
@@ -611,6 +622,6 @@ def read_selection(out: str, storage_options: Mapping[str, Any] | None = None) -
 
 __all__ = [
     "MissingEmbeddings", "QueryModel", "SelectOptions", "Selection", "SelectionError", "centred_unit", "embed_query",
-    "file_candidates", "mean_pairwise_distance", "mmr", "model_config_from_key", "nearest_earlier", "read_selection",
+    "file_candidates", "mean_pairwise_distance", "mmr", "model_config_from_key", "model_config_of", "nearest_earlier", "read_selection",
     "select_images", "write_selection", "write_webdataset",
 ]

@@ -7,16 +7,12 @@ import json
 import sys
 from typing import Any
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from pipeline.commands.options import add_storage_options
+from pipeline.errors import ExitCode
+
 
 SELECT_EXAMPLE = ('aesthetics select OUTPUT --query "a breathtaking travel photo of a scenic landscape" '
                   '--min-score 6 --top-k 100 --diverse --out travel/')
-
-
-def _storage_option(text: str) -> tuple[str, Any]:
-    from pipeline.cli import _storage_option as parse
-
-    return parse(text)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -31,26 +27,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     for thumb in missing:
         print(f"  no thumbnail for {thumb.key} ({thumb.shard}): {thumb.error}", file=sys.stderr)
     if not info.tables:
-        print(f"no committed units under {args.output}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+        print(f"aesthetics: no committed units under {args.output}", file=sys.stderr)
+        return ExitCode.INPUT
+    return ExitCode.OK
 
 
 def _model_override(args: argparse.Namespace, output: str, options: dict[str, Any]):
     """None (take the model from the manifests) unless --model/--pretrained/--pretrained-sha256 was given."""
     if not (args.model or args.pretrained or args.pretrained_sha256):
         return None
-    from pipeline.analysis.select import model_config_from_key
+    from pipeline.analysis.select import model_config_of
     from pipeline.config import TINY_MODEL, ModelConfig
+    from pipeline.errors import UsageError
     from pipeline.io.manifests import read_manifests
 
     recorded = None
-    keys = sorted({m["model_key"] for m in read_manifests(output, options).values()})
-    if len(keys) == 1:
-        recorded = model_config_from_key(keys[0])
+    configs = {model_config_of(m) for m in read_manifests(output, options).values()}
+    if len(configs) == 1:
+        recorded = configs.pop()
     name = args.model or (recorded.name if recorded else None)
     if name is None:
-        raise SystemExit("aesthetics select: --pretrained needs --model when the units name several models")
+        raise UsageError("select: --pretrained needs --model when the units name several models")
     if name == TINY_MODEL:
         return ModelConfig(name=TINY_MODEL, precision="fp32", seed=recorded.seed if recorded and
                            recorded.is_tiny_random else 0)
@@ -65,7 +62,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         return _select(args)
     except SelectionError as error:
         print(f"aesthetics select: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
 
 
 def _select(args: argparse.Namespace) -> int:
@@ -89,7 +86,7 @@ def _select(args: argparse.Namespace) -> int:
     print(f"mean pairwise embedding distance: {info['mean_pairwise_distance']:.4f} "
           f"(plain top-K: {info['mean_pairwise_distance_plain_top_k']:.4f})")
     print(json.dumps(written, indent=2))
-    return EXIT_OK if info["selected"] else EXIT_FAILED
+    return ExitCode.OK if info["selected"] else ExitCode.FAILED
 
 
 def register(commands: Any) -> None:
@@ -101,7 +98,7 @@ def register(commands: Any) -> None:
     report.add_argument("--per-bucket", type=int, default=3, help="images per position (best/median/worst) per band")
     report.add_argument("--thumb-size", type=int, default=192, help="thumbnail longest side, pixels")
     report.add_argument("--title")
-    report.add_argument("--storage-option", action="append", type=_storage_option)
+    add_storage_options(report)
     report.set_defaults(run=cmd_report)
 
     select = commands.add_parser(
@@ -131,5 +128,5 @@ def register(commands: Any) -> None:
                            help="score files as Ray tasks (default: only past --ray-min-rows rows)")
     ray_group.add_argument("--no-ray", dest="ray", action="store_false")
     select.add_argument("--ray-min-rows", type=int, default=500_000)
-    select.add_argument("--storage-option", action="append", type=_storage_option)
+    add_storage_options(select)
     select.set_defaults(run=cmd_select)

@@ -4,9 +4,9 @@
     aesthetics submit --address ... --wait -- nightly --input ... --output ...   # exit code = the job's outcome
     aesthetics jobs --address ... list | status ID [--wait] | logs ID [--follow] | stop ID [--wait]
 
-Exit codes: 0 succeeded (or submitted, without --wait), 1 failed, 2 usage or refused submission,
-3 already submitted (a nightly run with the same date and arguments), 4 stopped, 5 cluster unreachable
-or token refused, 130 interrupted (the job keeps running).
+Exit codes (pipeline.errors.ExitCode, the table every command keeps to): 0 succeeded (or submitted, without
+--wait), 1 the job failed, 2 usage or refused submission, 3 already submitted (a nightly run with the same
+date and arguments), 4 stopped, 5 cluster unreachable or token refused, 130 interrupted (the job keeps running).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import submit as S
+from pipeline.errors import ExitCode
 
 ADDRESS_HELP = ("the cluster's Jobs API, http[s]://HEAD:8265 (default $RAY_API_SERVER_ADDRESS). Keep it private: "
                 "a port-forward or SSH tunnel to 127.0.0.1, or a ClusterIP service")
@@ -94,7 +95,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         pins = S.pinned_requirements(args.working_dir / "pyproject.toml")
         S.write_requirements(args.write_requirements, pins)
         print(f"wrote {len(pins)} pins to {args.write_requirements}")
-        return S.EXIT_SUCCEEDED
+        return ExitCode.OK
     job = list(args.job)
     if job and job[0] == "--":
         job = job[1:]
@@ -114,7 +115,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps({"submission_id": submission, "entrypoint": entry, "runtime_env": runtime_env,
                           "metadata": metadata}, indent=2))
-        return S.EXIT_SUCCEEDED
+        return ExitCode.OK
 
     try:
         job_client = S.client(_address(args), S.find_token(args.token_file))
@@ -122,14 +123,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
                           metadata=metadata)
     except S.ClusterUnreachable as exc:
         print(f"aesthetics: {exc}", file=sys.stderr)
-        return S.EXIT_UNREACHABLE
+        return ExitCode.UNREACHABLE
     address = _address(args)
     if result.duplicate:
         state = _status_text(job_client, submission)
         print(f"aesthetics: job {submission} was already submitted ({state}); not starting it again",
               file=sys.stderr)
         if not args.wait:
-            return S.EXIT_DUPLICATE
+            return ExitCode.BUSY
         print(f"aesthetics: following {submission}", file=sys.stderr)
     else:
         print(f"submitted {result.submission_id} to {address}", file=sys.stderr)
@@ -137,7 +138,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"  follow: aesthetics jobs --address {address} logs --follow {result.submission_id}\n"
               f"  stop:   aesthetics jobs --address {address} stop {result.submission_id}", file=sys.stderr)
         print(result.submission_id)
-        return S.EXIT_SUCCEEDED
+        return ExitCode.OK
     return _follow(job_client, result.submission_id, address)
 
 
@@ -158,7 +159,7 @@ def _follow(job_client: Any, job: str, address: str) -> int:
     except KeyboardInterrupt:
         print(f"\naesthetics: stopped following; job {job} keeps running. Stop it with "
               f"`aesthetics jobs --address {address} stop {job}`", file=sys.stderr)
-        return S.EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     return _report_outcome(job_client, job, status)
 
 
@@ -178,11 +179,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return _jobs(job_client, args)
     except S.ClusterUnreachable as exc:
         print(f"aesthetics: {exc}", file=sys.stderr)
-        return S.EXIT_UNREACHABLE
+        return ExitCode.UNREACHABLE
     except RuntimeError as exc:  # the Jobs API answers 404 for an unknown id
         if "does not exist" in str(exc) or "404" in str(exc):
             print(f"aesthetics: no job {getattr(args, 'submission_id', '?')} on {_address(args)}", file=sys.stderr)
-            return S.EXIT_USAGE
+            return ExitCode.USAGE
         raise
 
 
@@ -192,28 +193,28 @@ def _jobs(job_client: Any, args: argparse.Namespace) -> int:
         rows = S.iter_jobs(job_client, args.limit)
         if args.json:
             print(json.dumps(rows, indent=2))
-            return S.EXIT_SUCCEEDED
+            return ExitCode.OK
         print(f"{'SUBMISSION ID':<48} {'STATUS':<10} {'STARTED':<21} {'TOOK':>8}  ENTRYPOINT")
         for row in rows:
             entry = row["entrypoint"] if len(row["entrypoint"]) <= 70 else row["entrypoint"][:67] + "..."
             print(f"{row['id']:<48} {row['status']:<10} {row['start']:<21} {row['duration']:>8}  {entry}")
-        return S.EXIT_SUCCEEDED
+        return ExitCode.OK
     job = args.submission_id
     if action == "status":
         if args.wait:
             return _report_outcome(job_client, job, S.wait(job_client, job))
         info = S.describe(job_client.get_job_info(job))
         print(json.dumps(info, indent=2))
-        return S.EXIT_SUCCEEDED
+        return ExitCode.OK
     if action == "logs":
         if args.follow:
             return _follow(job_client, job, _address(args))
         sys.stdout.write(job_client.get_job_logs(job))
-        return S.EXIT_SUCCEEDED
+        return ExitCode.OK
     if action == "stop":
         stopped = job_client.stop_job(job)
         print(f"{job}: {'stop requested' if stopped else 'already finished'}", file=sys.stderr)
         if args.wait:
             return _report_outcome(job_client, job, S.wait(job_client, job))
-        return S.EXIT_SUCCEEDED
+        return ExitCode.OK
     raise S.SubmitError(f"unknown jobs action {action!r}")

@@ -8,7 +8,8 @@ import argparse
 import math
 from typing import Any
 
-from pipeline.cli import EXIT_OK, _storage_option
+from pipeline.commands.options import storage_option
+from pipeline.errors import ExitCode
 
 TRAIN_EPILOG = """\
 examples:
@@ -37,7 +38,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--join-on", default="key",
                         help="match labels to scored rows by 'key' (default), 'url_stem' (the url's file name "
                              "without extension, e.g. AVA image ids) or any column of the scored data")
-    parser.add_argument("--storage-option", action="append", type=_storage_option,
+    parser.add_argument("--storage-option", action="append", type=storage_option,
                         help="fsspec option KEY=VALUE (no credentials)")
 
 
@@ -179,7 +180,7 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     print(f"score with it: aesthetics score ... --head {record['head_file']},sha256={record['sha256']}")
     if report.uncertain_file:
         print(f"images to label next: {report.uncertain_file} (fill in the label column with keep or trash)")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -195,7 +196,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for path, what in ((args.table, "table"), (args.plot, "plot")):
         if path:
             print(f"{what}: {path}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_select_uncertain(args: argparse.Namespace) -> int:
@@ -212,4 +213,4 @@ def cmd_select_uncertain(args: argparse.Namespace) -> int:
     print(f"{len(sheet)} images nearest {args.boundary:g} written to {args.out} "
           f"(margins {_fmt(float(sheet['margin'].min()) if len(sheet) else math.nan)}"
           f"..{_fmt(float(sheet['margin'].max()) if len(sheet) else math.nan)}); fill in 'label' with keep or trash")
-    return EXIT_OK
+    return ExitCode.OK

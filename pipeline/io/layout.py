@@ -5,9 +5,10 @@
     <output>/_staging/<run>/<unit>/<part>.parquet   rows before their unit commits
     <output>/_runs/<run>.json                   one summary per run
     <output>/_lock.json                         the lease a running job holds on the prefix
-    <output>/cutoffs.json, cutoffs.md           the cutoff table over all committed units
+    <output>/_cutoffs.json, _cutoffs.md         the cutoff table over all committed units
 
-Names that start with "_" are skipped by pyarrow's and Spark's dataset discovery.
+Only table data lies outside names that start with "_", which pyarrow, pandas, Polars, DuckDB's hive
+reader and Spark skip: reading the prefix as a Parquet dataset reads the scores and nothing else.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ MANIFESTS = "_manifests"
 STAGING = "_staging"
 RUNS = "_runs"
 LOCK = "_lock.json"
-CUTOFFS_JSON = "cutoffs.json"
-CUTOFFS_MD = "cutoffs.md"
+CUTOFFS_JSON = "_cutoffs.json"
+CUTOFFS_MD = "_cutoffs.md"
 
 
 def data_file(output: str, band: str, unit_id: str) -> str:

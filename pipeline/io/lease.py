@@ -14,13 +14,14 @@ import threading
 import time
 from typing import Any, Mapping
 
+from pipeline.errors import BusyError
 from pipeline.io import layout
 from pipeline.io.storage import filesystem, join, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 
-class LeaseHeld(RuntimeError):
+class LeaseHeld(BusyError):
     """Another live run holds the output prefix."""
 
 
@@ -64,13 +65,15 @@ class Lease:
         held = self._current()
         if held and held.get("run_id") != self.run_id and held.get("expires_at", 0) > time.time() \
                 and not self._holder_is_dead(held):
-            raise LeaseHeld(f"run {held['run_id']} on {held.get('host')} (pid {held.get('pid')}) holds "
-                            f"{self.path} until {time.ctime(held['expires_at'])}; it expires on its own if that run died")
+            raise LeaseHeld(f"another run is active, nothing done: run {held['run_id']} on {held.get('host')} "
+                            f"(pid {held.get('pid')}) holds {self.path} until {time.ctime(held['expires_at'])}; "
+                            f"it expires on its own if that run died")
         self._write()
         time.sleep(self.settle_s)
         held = self._current()
         if not held or held.get("run_id") != self.run_id:
-            raise LeaseHeld(f"run {held and held.get('run_id')} took {self.path} at the same moment")
+            raise LeaseHeld(f"another run is active, nothing done: run {held and held.get('run_id')} took "
+                            f"{self.path} at the same moment")
         self._renewer = threading.Thread(target=self._renew, name="lease-renewer", daemon=True)
         self._renewer.start()
         return self

@@ -13,15 +13,12 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from pipeline.errors import InputError
 from pipeline.io.storage import filesystem, full_uri
 
 TAR_SUFFIX = ".tar"
 SIDECAR_SUFFIX = ".parquet"
 _GLOB_CHARS = set("*?[")
-
-
-class InputError(ValueError):
-    """The input names nothing we can score; the message says what was looked at."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +88,8 @@ def _entries(pattern: str, storage_options: Mapping[str, Any]) -> list[tuple[str
             if fs.exists(sidecar):
                 items.append((sidecar, fs.info(sidecar)))
     else:
-        raise InputError(f"input {pattern!r} does not exist")
+        raise InputError(f"input {pattern!r} does not exist; give a folder, a glob or .tar files of "
+                         f"img2dataset shards")
     return [(full_uri(fs, p), info) for p, info in items if info.get("type", "file") != "directory"]
 
 
@@ -101,7 +99,11 @@ def list_shards(inputs: Iterable[str], storage_options: Mapping[str, Any] | None
     tars: dict[str, tuple[str, dict[str, Any]]] = {}
     sidecars: dict[str, str] = {}
     for pattern in inputs:
-        for uri, info in _entries(pattern, storage_options):
+        try:
+            entries = _entries(pattern, storage_options)
+        except PermissionError as error:
+            raise InputError(f"cannot list the input {pattern!r}: permission denied ({error})") from error
+        for uri, info in entries:
             if uri.endswith(TAR_SUFFIX):
                 tars[uri[: -len(TAR_SUFFIX)]] = (uri, info)
             elif uri.endswith(SIDECAR_SUFFIX):
@@ -120,7 +122,8 @@ def list_shards(inputs: Iterable[str], storage_options: Mapping[str, Any] | None
             etag=_tag(tar[1]) if tar else None,
         ))
     if not shards:
-        raise InputError(f"no .tar shards (or img2dataset .parquet sidecars) under {list(inputs)}")
+        raise InputError(f"no .tar shards (or img2dataset .parquet sidecars) under {', '.join(inputs)}; "
+                         f"give a folder, a glob or .tar files of img2dataset shards")
     return shards
 
 

@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
+import urllib.parse
+import urllib.request
 from typing import Any, Mapping
 
 import fsspec
 from fsspec.core import url_to_fs
 
+from pipeline.errors import UnreachableError
 
 # botocore's "standard" mode retries throttling (SlowDown, 503), other 5xx and dropped connections
 # with jittered exponential backoff; s3fs retries SlowDown and timeouts again on top of that.
 S3_RETRIES = {"mode": "standard", "max_attempts": 10}
+# botocore waits 60 s for a TCP connection by default, and retries that too: a wrong endpoint stalls.
+S3_CONNECT_TIMEOUT_S = 10
+# How long a run waits, before anything else, for an object-store endpoint that refuses connections:
+# a refused connection is a wrong address or a server that is down, not throttling worth minutes of retries.
+CONNECT_BUDGET_S = 5.0
 
 
 def _s3_options(storage_options: Mapping[str, Any]) -> dict[str, Any]:
@@ -27,8 +37,42 @@ def _s3_options(storage_options: Mapping[str, Any]) -> dict[str, Any]:
     options.update(storage_options)
     config_kwargs = dict(storage_options.get("config_kwargs") or {})
     config_kwargs.setdefault("retries", dict(S3_RETRIES))
+    config_kwargs.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
     options["config_kwargs"] = config_kwargs
     return options
+
+
+def _s3_endpoint(uri: str, storage_options: Mapping[str, Any] | None) -> str | None:
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    if protocol not in ("s3", "s3a"):
+        return None
+    return _s3_options(storage_options or {}).get("endpoint_url")
+
+
+def check_reachable(uri: str, storage_options: Mapping[str, Any] | None = None,
+                    budget_s: float = CONNECT_BUDGET_S) -> None:
+    """Raise :class:`UnreachableError` when the custom S3 endpoint that ``uri`` goes to takes no TCP
+    connection within ``budget_s``. Endpoints behind a proxy, and AWS's own, are left to botocore."""
+    endpoint = _s3_endpoint(uri, storage_options)
+    if not endpoint:
+        return
+    parsed = urllib.parse.urlparse(endpoint if "://" in endpoint else "http://" + endpoint)
+    host = parsed.hostname or ""
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    if urllib.request.getproxies().get(parsed.scheme) and not urllib.request.proxy_bypass(host):
+        return
+    deadline = time.monotonic() + budget_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.5, deadline - time.monotonic())):
+                return
+        except OSError as error:
+            if time.monotonic() + 0.5 >= deadline:
+                reason = error.strerror or type(error).__name__
+                raise UnreachableError(
+                    f"cannot connect to the object store at {endpoint} (for {uri}): {reason}, for {budget_s:g} s; "
+                    f"check endpoint_url / AWS_ENDPOINT_URL and that the server is up") from error
+            time.sleep(0.5)
 
 
 def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -16,7 +16,7 @@ and the Ray driver, which only wires the stage that calls this module, never nee
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
 import logging
 import pathlib
@@ -30,12 +30,12 @@ with long_lived():  # the driver's first import of torch
     import torch
 
 from pipeline.config import TINY_MODEL, ModelConfig, WeightsSpec
+from pipeline.errors import WeightsError
 from pipeline.models.weights import WeightsNotFound, file_name_of, resolve_weights, sha256_of
 
 log = logging.getLogger(__name__)
 
 TINY_MODEL_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "data" / f"{TINY_MODEL}.json"
-_DEFAULT_PRETRAINED = next(f.default for f in dataclasses.fields(ModelConfig) if f.name == "pretrained")
 _WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -87,9 +87,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
+def resolve_precision(requested: str, device: str | torch.device) -> str:
+    """The precision a model asked to run in ``requested`` runs in on ``device``."""
     # fp16 matmuls on CPU are slow or unsupported; bf16 on CPU is honoured when asked for explicitly.
-    if device.type == "cpu" and requested == "fp16":
+    if torch.device(device).type == "cpu" and requested == "fp16":
         return "fp32"
     return requested
 
@@ -203,25 +204,10 @@ def _looks_like_weights_location(pretrained: str) -> bool:
     return "://" in pretrained or "/" in pretrained or pretrained.endswith(_WEIGHTS_SUFFIXES)
 
 
-def load_clip(
-    config: ModelConfig,
-    device: str | torch.device | None = None,
-    search_dirs: Sequence[str] = (),
-    storage_options: Mapping[str, Any] | None = None,
-    cache_dir: str | None = None,
-) -> LoadedClip:
-    """The model ``config`` names, on ``device`` (None: ``config.device``), in eval mode."""
+def _checkpoint(config: ModelConfig, search_dirs: Sequence[str], storage_options: Mapping[str, Any] | None,
+                cache_dir: str | None) -> tuple[pathlib.Path, dict[str, Any], str]:
+    """(a local, sha256-checked weights file, open_clip preprocess overrides, the weights' label)."""
     from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
-
-    device = resolve_device(config.device if device is None else device)
-    precision = resolve_precision(config.precision, device)
-    if precision != config.precision:
-        log.info("precision %s asked for on %s; using %s", config.precision, device, precision)
-
-    if config.is_tiny_random:
-        if config.pretrained not in ("", _DEFAULT_PRETRAINED):
-            raise ValueError(f"{TINY_MODEL} has seeded random weights; it takes no pretrained={config.pretrained!r}")
-        return _random_clip(TINY_MODEL, config.seed, precision, device, tiny_identity(config.seed))
 
     name, pretrained = config.name, config.pretrained
     _model_config(name)
@@ -234,20 +220,94 @@ def load_clip(
             warnings.warn(f"{name} with pretrained={pretrained!r}: the weights were trained with a different GELU "
                           f"than this architecture uses; embeddings will drift (use the -quickgelu variant)")
         preprocess = {key: tag_cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in tag_cfg}
-        label = pretrained
-    elif pretrained and _looks_like_weights_location(pretrained):
+        return path, preprocess, pretrained
+    if pretrained and _looks_like_weights_location(pretrained):
         path = resolve_weights(WeightsSpec(pretrained, config.pretrained_sha256), search_dirs, cache_dir,
                                storage_options)
-        preprocess = {}
-        label = file_name_of(pretrained)
-    else:
-        known = list_pretrained_tags_by_model(name)
-        raise ValueError(
-            f"pretrained={pretrained!r} for {name} is neither an open_clip tag (known: {known}) nor a path or URI "
-            "of a weights file (.safetensors, .bin, .pt)")
+        return path, {}, file_name_of(pretrained)
+    known = list_pretrained_tags_by_model(name)
+    raise ValueError(
+        f"pretrained={pretrained!r} for {name} is neither an open_clip tag (known: {known}) nor a path or URI "
+        "of a weights file (.safetensors, .bin, .pt)")
 
-    model = _create(name, str(path), precision, device, preprocess)
-    return _loaded(name, model, _weights_identity(name, label, sha256_of(path)), device, precision)
+
+def _meta_state_dict(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    """The tensors a safetensors file holds, as shapes only: its header is all that is read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}
+
+
+def check_loads(name: str, path: pathlib.Path) -> None:
+    """Load ``path`` into ``name``'s architecture the way open_clip does, on the meta device: every key and
+    shape is checked, no tensor data is read (a torch file is mapped, a safetensors file's header read)."""
+    from unittest import mock
+
+    from open_clip import factory
+
+    if path.suffix not in _WEIGHTS_SUFFIXES:
+        return  # other formats (big_vision .npz) load through paths that need real tensors
+    with _no_random_init_warning():
+        model = _open_clip().create_model(name, device="meta")
+    try:
+        if path.suffix == ".safetensors":
+            # open_clip's safetensors reader cannot target the meta device; hand its key conversions the shapes.
+            with mock.patch.object(factory, "load_state_dict", return_value=_meta_state_dict(path)):
+                factory.load_checkpoint(model, str(path), device="meta")
+        else:
+            factory.load_checkpoint(model, str(path), device="meta")
+    except Exception as error:  # noqa: BLE001 - a file that does not load fails in many ways
+        detail = " ".join(str(error).split())[:300]
+        raise WeightsError(f"CLIP weights {path} do not load into {name}: {type(error).__name__}: {detail}") from error
+
+
+@contextlib.contextmanager
+def _no_random_init_warning():
+    """open_clip warns on the root logger that a model built without weights is random: here it is meant."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def verified_clip_weights(config: ModelConfig, search_dirs: Sequence[str] = (),
+                          storage_options: Mapping[str, Any] | None = None, cache_dir: str | None = None) -> str:
+    """Find the weights ``config`` names, check their pin and that they load into the architecture; their sha256."""
+    path, _, _ = _checkpoint(config, search_dirs, storage_options, cache_dir)
+    check_loads(config.name, path)
+    return sha256_of(path)
+
+
+def embedding_width(config: ModelConfig) -> int:
+    """The width of the model's image embedding, from its config alone."""
+    return int(_model_config(TINY_MODEL if config.is_tiny_random else config.name)["embed_dim"])
+
+
+def load_clip(
+    config: ModelConfig,
+    device: str | torch.device | None = None,
+    search_dirs: Sequence[str] = (),
+    storage_options: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
+) -> LoadedClip:
+    """The model ``config`` names, on ``device`` (None: ``config.device``), in eval mode."""
+    device = resolve_device(config.device if device is None else device)
+    precision = resolve_precision(config.precision, device)
+    if precision != config.precision:
+        log.info("precision %s asked for on %s; using %s", config.precision, device, precision)
+
+    if config.is_tiny_random:
+        return _random_clip(TINY_MODEL, config.seed, precision, device, tiny_identity(config.seed))
+
+    path, preprocess, label = _checkpoint(config, search_dirs, storage_options, cache_dir)
+    model = _create(config.name, str(path), precision, device, preprocess)
+    return _loaded(config.name, model, _weights_identity(config.name, label, sha256_of(path)), device, precision)
 
 
 def build_random_init_clip_for_benchmark(config: ModelConfig, device: str | torch.device | None = None) -> LoadedClip:

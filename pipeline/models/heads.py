@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from pipeline.config import HeadSpec
+from pipeline.errors import WeightsError
 from pipeline.models.weights import resolve_weights, sha256_of
 
 # Indices of the Linear layers inside ``nn.Sequential`` as the improved-aesthetic-predictor defines them.
@@ -39,11 +40,11 @@ class HeadFormat(str, enum.Enum):
     RELU_MLP = "relu-mlp"
 
 
-class HeadFormatError(ValueError):
+class HeadFormatError(WeightsError, ValueError):
     """A state dict that is none of the known head formats, or whose shapes do not chain."""
 
 
-class EmbeddingDimMismatch(ValueError):
+class EmbeddingDimMismatch(WeightsError, ValueError):
     """A head trained on one CLIP model applied to another model's embeddings."""
 
 
@@ -159,12 +160,17 @@ class Head:
 
 def load_head_state_dict(path: Any) -> dict[str, torch.Tensor]:
     path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
-    # map_location: the improved predictor's files were saved from CUDA.
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path, device="cpu")
+        # map_location: the improved predictor's files were saved from CUDA.
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch and safetensors raise many kinds for a bad file
+        headline = str(error).strip().split(". ")[0].splitlines()[0][:160] if str(error).strip() else ""
+        raise HeadFormatError(f"{path} is not a head file (a torch state dict or safetensors): "
+                              f"{type(error).__name__}: {headline}") from error
     if not isinstance(state_dict, Mapping):
         raise HeadFormatError(f"{path}: expected a state dict, got {type(state_dict).__name__}")
     return dict(state_dict)
@@ -257,8 +263,9 @@ def load_head_bank(
     heads = []
     for spec in specs:
         path = resolve_weights(spec.weights, search_dirs, cache_dir, storage_options)
+        state_dict = load_head_state_dict(path)  # its errors name the file already
         try:
-            heads.append(Head.from_state_dict(spec.name, load_head_state_dict(path), sha256_of(path)))
+            heads.append(Head.from_state_dict(spec.name, state_dict, sha256_of(path)))
         except HeadFormatError as error:
             raise HeadFormatError(f"{path}: {error}") from None
     return HeadBank(heads, device)

@@ -26,6 +26,7 @@ import urllib.request
 from typing import IO, Any, Mapping, Sequence
 
 from pipeline.config import WeightsSpec
+from pipeline.errors import WeightsError
 from pipeline.io.storage import filesystem
 
 CACHE_DIR_ENV = "LAION_AESTHETICS_RAY_CACHE"
@@ -34,11 +35,11 @@ HTTP_TIMEOUT_S = 60
 _CHUNK = 1 << 20
 
 
-class WeightsNotFound(FileNotFoundError):
+class WeightsNotFound(WeightsError, FileNotFoundError):
     """No source could provide the weights; the message says what was tried and how to provide them."""
 
 
-class WeightsChecksumMismatch(ValueError):
+class WeightsChecksumMismatch(WeightsError, ValueError):
     """A weights file exists but is not the pinned one."""
 
 
@@ -180,18 +181,15 @@ class _Cache:
 
 
 def _not_found_message(spec: WeightsSpec, attempts: Sequence[str], cache_root: pathlib.Path) -> str:
+    """One line: what was looked for, where, and the ways to provide it."""
     name = file_name_of(spec.uri)
     pin = f" (sha256 {spec.sha256})" if spec.sha256 else ""
-    tried = "\n".join(f"  - {attempt}" for attempt in attempts) or "  - (nothing)"
-    ways = [
-        f"  - put a file named {name!r} in a directory or object-store prefix the nodes can read and pass it "
-        f"with --weights-dir (e.g. --weights-dir s3://my-bucket/weights/ or --weights-dir /mnt/weights)",
-        f"  - give a local path (or any fsspec URI) to the file in place of {spec.uri!r}",
-    ]
+    ways = [f"put {name!r} in a folder or object-store prefix the nodes can read and pass it with --weights-dir",
+            f"or give a local path or URI of the file in place of {spec.uri!r}"]
     if not _is_local(spec.uri):
-        ways.append(f"  - make {spec.uri} reachable from the nodes (it is downloaded once into {cache_root})")
-    return (f"weights {name!r}{pin} not found. Tried:\n{tried}\nProvide them one of these ways:\n"
-            + "\n".join(ways))
+        ways.append(f"or make {spec.uri} reachable from the nodes (it is downloaded once into {cache_root})")
+    return (f"weights {name!r}{pin} not found (tried: {'; '.join(attempts) or 'nothing'}); "
+            + ", ".join(ways))
 
 
 def resolve_weights(

@@ -25,7 +25,7 @@ with long_lived():  # an actor's first import of torch
 
 from pipeline import schema
 from pipeline.config import HeadSpec, ModelConfig
-from pipeline.models.clip import LoadedClip, load_clip
+from pipeline.models.clip import LoadedClip, load_clip, resolve_precision
 from pipeline.models.heads import HeadBank, load_head_bank
 from pipeline.models.prompts import PromptBank, PromptSets, build_prompt_bank
 from pipeline.schema import Status
@@ -76,6 +76,9 @@ class EmbedScore:
         if self.head_bank.names != expected_names:
             raise ValueError(f"loader returned heads {self.head_bank.names}, expected {expected_names}")
         self.head_bank.check_embedding_dim(self.clip.embed_dim, self.clip.identity)
+        recorded = resolve_precision(model.precision, self.clip.device)
+        if self.clip.precision != recorded:  # the manifests record the config's precision: it must be what runs
+            raise ValueError(f"the model runs in {self.clip.precision}, but the run records {recorded}")
         if self.head_bank.device != self.clip.device:
             self.head_bank = self.head_bank.to(self.clip.device)
 

@@ -431,7 +431,7 @@ def connect_ray(ray_address: str | None) -> None:
     if ray_address:
         ray.init(address=ray_address, log_to_driver=False)
     else:
-        from pipeline.runner import ensure_ray
+        from pipeline.ray_session import ensure_ray
 
         ensure_ray()
 

@@ -11,6 +11,7 @@ from pipeline import schema as S
 from pipeline.analysis.reading import bands_at_least, score_filter
 from pipeline.analysis.select import (
     SelectionError, SelectOptions, _same_model, centred_unit, mean_pairwise_distance, mmr, model_config_from_key,
+    model_config_of,
 )
 
 
@@ -53,7 +54,17 @@ def test_mean_pairwise_distance():
     assert np.isnan(mean_pairwise_distance(np.ones((1, 3))))
 
 
-def test_model_identity_is_read_from_the_model_key():
+def test_model_identity_is_read_from_the_manifests_clip_record_pinned():
+    manifest = {"model_key": "ViT-B-32@0123456789abcdef/fp16|h@x",
+                "clip": {"name": "ViT-B-32", "pretrained": "s3://b/w.safetensors", "sha256": "c" * 64, "seed": None}}
+    config = model_config_of(manifest)
+    assert (config.name, config.pretrained, config.pretrained_sha256) == ("ViT-B-32", "s3://b/w.safetensors", "c" * 64)
+    tiny = model_config_of({"model_key": "tiny-random(seed=3)/fp32|h@x",
+                            "clip": {"name": "tiny-random", "pretrained": None, "sha256": None, "seed": 3}})
+    assert tiny.is_tiny_random and tiny.seed == 3
+
+
+def test_model_identity_of_older_manifests_is_read_from_the_model_key():
     tiny = model_config_from_key("tiny-random/seed=3|sac+logos+ava1-l14-linearMSE@21dd590f3ccd")
     assert tiny.is_tiny_random and tiny.seed == 3
     real = model_config_from_key("ViT-L-14-quickgelu/openai|sac+logos+ava1-l14-linearMSE@21dd590f3ccd")

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import schema as S
 from pipeline.cutoffs import LAION_PUBLISHED_COUNTS
+from pipeline.io import layout
 from pipeline.io.manifests import committed_files, read_manifests
 from pipeline.io.storage import filesystem, read_json
 from pipeline.runner import run_score
@@ -98,9 +99,9 @@ def test_cutoff_table_equals_counts_recomputed_from_parquet(scored, s3_server):
         assert row.count == int((scores >= row.threshold).sum())
         assert row.laion_count == LAION_PUBLISHED_COUNTS[row.threshold]
     fs, root = filesystem(scored["output"])
-    written = read_json(fs, root + "/cutoffs.json")
+    written = read_json(fs, root + "/" + layout.CUTOFFS_JSON)
     assert [t["count"] for t in written["tables"][0]["thresholds"]] == [r.count for r in table.rows_by_threshold]
-    assert fs.exists(root + "/cutoffs.md")
+    assert fs.exists(root + "/" + layout.CUTOFFS_MD)
 
 
 def test_bands_partition_the_rows_by_score(scored):

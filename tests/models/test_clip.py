@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from pipeline.config import ModelConfig
 from pipeline.models.clip import (
-    TINY_MODEL_CONFIG,
     build_random_init_clip_for_benchmark,
     load_clip,
     pinned_clip_identity,
@@ -20,7 +17,7 @@ from pipeline.models.clip import (
 )
 from pipeline.models.weights import WeightsChecksumMismatch, WeightsNotFound, sha256_of
 
-TEST_ARCH = "tiny-arch-for-tests"  # the tiny architecture under another name, so it can take a weights file
+from tests.conftest import TEST_ARCH
 
 
 def _tiny(**overrides) -> ModelConfig:
@@ -68,22 +65,6 @@ def test_bf16_on_cpu_is_honoured_when_asked() -> None:
 def test_tiny_model_refuses_weights() -> None:
     with pytest.raises(ValueError, match="random weights"):
         load_clip(_tiny(pretrained="s3://bucket/weights.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A safetensors state dict for the tiny architecture registered as TEST_ARCH."""
-    directory = tmp_path_factory.mktemp("arch")
-    config_path = directory / f"{TEST_ARCH}.json"
-    config_path.write_text(json.dumps(json.loads(TINY_MODEL_CONFIG.read_text())))
-    if TEST_ARCH not in open_clip.list_models():
-        open_clip.add_model_config(config_path)
-    torch.manual_seed(7)
-    state_dict = {k: v.contiguous() for k, v in open_clip.create_model(TEST_ARCH).state_dict().items()}
-    path = directory / "weights" / "open_clip_model.safetensors"
-    path.parent.mkdir()
-    save_file(state_dict, str(path))
-    return path, state_dict
 
 
 def _loaded_equals(loaded, state_dict: dict[str, torch.Tensor]) -> bool:

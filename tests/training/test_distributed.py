@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cli import EXIT_USAGE, main
+from pipeline.cli import main
+from pipeline.errors import ExitCode
 from pipeline.config import ConfigError, HeadSpec, WeightsSpec
 from pipeline.models.heads import HeadFormat, load_head_bank
 from pipeline.training import distributed
 from pipeline.training.labels import LabelKind, LabelTable
 from pipeline.training.train_head import SPLIT_NAMES, TEST, TRAIN, TrainConfig, split_assignments
+from tests.tolerances import assert_within, head_reference
 from tests.training import synthetic
 
 ROWS, DIM, LABELLED = 1500, 32, 1400  # rows past LABELLED have no label; row 7 failed to decode
@@ -108,7 +110,10 @@ def test_two_workers_recover_the_planted_score_and_save_a_laion_head(planted, sc
     # The file loads through the scoring job's loader, pinned, like a LAION head, and scores what predict says.
     bank = load_head_bank([HeadSpec("dp", WeightsSpec(out, record["sha256"]))])
     scores = bank.score(torch.from_numpy(planted["stored"]))["dp"]
-    np.testing.assert_allclose(scores, predictions, rtol=1e-6, atol=1e-5)
+    # Both score with a HeadBank of these parameters: each within its float32 bound of the exact score.
+    expected, bound = head_reference(bank.heads[0], planted["stored"])
+    assert_within(scores, expected, bound, "scored from the file")
+    assert_within(predictions, expected, bound, "predict")
 
 
 def test_keep_trash_labels_train_a_logit_head_with_bce(planted, scored, ray_local) -> None:
@@ -123,7 +128,12 @@ def test_keep_trash_labels_train_a_logit_head_with_bce(planted, scored, ray_loca
     held_out = scored["rows"][split_assignments(planted["keys"][scored["rows"]], 0.1, 0.1, 0) == TEST]
     logits = trained.predict(planted["stored"][held_out])
     keep = labels.scores[held_out] == 1  # label row i is scored row i
-    assert np.mean((logits >= 0) == keep) == pytest.approx(test["accuracy"])
+    # The metrics scored these rows in Ray Data batches: each float32 logit within the bank's bound of exact,
+    # so only a logit within twice that of 0 may have fallen on the other side there.
+    _, bound = head_reference(trained.as_head(), planted["stored"][held_out])
+    undecided = int((np.abs(logits) <= 2 * bound).sum())
+    right = int(((logits >= 0) == keep).sum())
+    assert abs(right - round(test["accuracy"] * len(keep))) <= undecided, (right, test, undecided)
     assert "logit" in trained.record("0" * 64, "keep.pth")["output"]
 
 
@@ -132,7 +142,7 @@ def test_misfit_settings_fail_before_any_training(scored, tmp_path, capsys) -> N
 
     code = main(["train-head", "--scores", scored["scores"], "--labels", scored["labels_path"],
                  "--out", str(tmp_path / "x.pth"), "--workers", "2", "--lr", "1e-2", "--lr", "1e-3"])
-    assert code == EXIT_USAGE and "trains one config, but the grid has 2" in capsys.readouterr().err
+    assert code == ExitCode.USAGE and "trains one config, but the grid has 2" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="select-uncertain --head"):
         run_train_head(scored["scores"], scored["labels_path"], str(tmp_path / "x.pth"), workers=2,
                        uncertain_count=5)
