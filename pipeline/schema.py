@@ -6,11 +6,12 @@ Every stage reads and writes columns named here; nothing else in the package spe
 from __future__ import annotations
 
 import enum
-import math
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from pipeline import bands
 
 
 class Status(str, enum.Enum):
@@ -57,7 +58,7 @@ AESTHETIC_SCORE = "aesthetic_score"  # the primary head's score
 EMBEDDING = "embedding"  # optional fp16 L2-normalised CLIP image embedding
 MODEL = "model"  # CLIP identity: architecture + weights sha256
 HEAD = "head"  # primary head identity: name + sha256
-SCORE_BAND = "score_band"  # Hive partition column
+SCORE_BAND = bands.COLUMN  # Hive partition column: pipeline/bands.py owns its rule
 
 SCORE_PREFIX = "score_"  # extra heads and prompt scores: score_<name>
 
@@ -66,29 +67,13 @@ def score_column(head_name: str) -> str:
     return SCORE_PREFIX + head_name.replace("-", "_").replace("+", "_").replace(".", "_")
 
 
-# Score bands -------------------------------------------------------------------------------
-# LAION-Aesthetics' published cut-offs. Bands are coarse on purpose: one file per band per unit,
-# so a high band is not a dust of tiny files; inside a file rows are sorted by score, so the
-# row-group statistics prune finer thresholds (>= 6.25) without a band of their own.
+# LAION-Aesthetics' published cut-offs, the rows of the cutoff table.
 LAION_THRESHOLDS = (4.5, 4.75, 5.0, 6.0, 6.25, 6.5)
-BAND_EDGES = (4.5, 5.0, 6.0, 6.5)
-BAND_LABELS = ("lt4.5", "4.5-5", "5-6", "6-6.5", "ge6.5")
-UNSCORED_BAND = "unscored"
-ALL_BANDS = BAND_LABELS + (UNSCORED_BAND,)
 
 # Histogram kept in every manifest: 0.25-wide bins over [0, 10) plus under/overflow, so every
 # LAION threshold is a bin edge and the cutoff table never needs the Parquet.
 HIST_LOW, HIST_HIGH, HIST_STEP = 0.0, 10.0, 0.25
 HIST_BINS = int(round((HIST_HIGH - HIST_LOW) / HIST_STEP))
-
-
-def band_of(score: float | None) -> str:
-    if score is None or not math.isfinite(score):
-        return UNSCORED_BAND
-    for edge, label in zip(BAND_EDGES, BAND_LABELS):
-        if score < edge:
-            return label
-    return BAND_LABELS[-1]
 
 
 def output_schema(extra_score_columns: tuple[str, ...] = (), embedding_dim: int | None = None) -> pa.Schema:

@@ -33,7 +33,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from pipeline import bands
 from pipeline import schema as S
+from pipeline.bands import bands_at_least
 from pipeline.io.manifests import committed_files, read_manifests
 from pipeline.io.storage import filesystem, protocol_of
 
@@ -44,18 +46,9 @@ __all__ = [
 
 PARTITIONING = pads.partitioning(pa.schema([pa.field(S.SCORE_BAND, pa.string())]), flavor="hive")
 
-# [low, high) score range of each band; "unscored" holds rows without a finite score.
-_EDGES = (float("-inf"),) + S.BAND_EDGES + (float("inf"),)
-BAND_RANGES: dict[str, tuple[float, float]] = {
-    label: (low, high) for label, low, high in zip(S.BAND_LABELS, _EDGES, _EDGES[1:])
-}
+BAND_RANGES = bands.RANGES  # [low, high) score range of each band
 
 ImageRef = tuple[str, int, int]  # (shard URI, byte offset of the member's data, byte size)
-
-
-def bands_at_least(min_score: float) -> list[str]:
-    """The score bands that can hold a score >= ``min_score`` (for partition pruning)."""
-    return [band for band, (_, high) in BAND_RANGES.items() if high > min_score]
 
 
 def score_filter(min_score: float | None = None, max_score: float | None = None,
@@ -66,11 +59,10 @@ def score_filter(min_score: float | None = None, max_score: float | None = None,
     """
     expression = pads.field(S.STATUS) == S.Status.OK.value if ok_only else pads.scalar(True)
     if min_score is not None:
-        expression = expression & pads.field(S.SCORE_BAND).isin(bands_at_least(min_score)) \
+        expression = expression & pads.field(S.SCORE_BAND).isin(bands.bands_at_least(min_score)) \
             & (pads.field(S.AESTHETIC_SCORE) >= min_score)
     if max_score is not None:
-        bands = [band for band, (low, _) in BAND_RANGES.items() if low < max_score]
-        expression = expression & pads.field(S.SCORE_BAND).isin(bands) \
+        expression = expression & pads.field(S.SCORE_BAND).isin(bands.bands_below(max_score)) \
             & (pads.field(S.AESTHETIC_SCORE) < max_score)
     return expression
 

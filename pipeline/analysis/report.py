@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from pipeline import bands as band_labels
 from pipeline import schema as S
 from pipeline.analysis.reading import duckdb_relation, fetch_images, thumbnail
 from pipeline.cutoffs import CutoffTable, build_tables
@@ -124,7 +125,7 @@ def pick_thumbnail_rows(con: Any, view: str, per_position: int) -> tuple[dict[st
     bands = dict(con.execute(
         f"SELECT {S.SCORE_BAND}, count(*) FROM {view} WHERE {S.STATUS} = 'ok' AND isfinite({S.AESTHETIC_SCORE}) "
         f"GROUP BY ALL").fetchall())
-    order = [b for b in reversed(S.BAND_LABELS) if bands.get(b)]
+    order = [b for b in reversed(band_labels.LABELS) if bands.get(b)]
     columns = ", ".join(_THUMB_COLUMNS)
     where = f"{S.STATUS} = 'ok' AND isfinite({S.AESTHETIC_SCORE}) AND {S.SCORE_BAND} = ?"
     tie = f"{S.KEY}, {S.SHARD}"

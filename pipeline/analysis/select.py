@@ -65,8 +65,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from pipeline import bands
 from pipeline import schema as S
-from pipeline.analysis.reading import BAND_RANGES, fetch_images
+from pipeline.analysis.reading import fetch_images
 from pipeline.config import TINY_MODEL, ModelConfig
 from pipeline.io.manifests import read_manifests
 from pipeline.io.storage import filesystem, full_uri, join, write_bytes_atomic
@@ -281,9 +282,9 @@ def plan_files(output: str, manifests: Mapping[str, Mapping[str, Any]], model_id
             continue
         for entry in manifest["files"]:
             band = entry.get("band", "")
-            if band == S.UNSCORED_BAND:
+            if band == bands.UNSCORED:
                 continue
-            low_high = BAND_RANGES.get(band)
+            low_high = bands.RANGES.get(band)
             if min_score is not None and low_high is not None and low_high[1] <= min_score:
                 skipped += 1
                 continue

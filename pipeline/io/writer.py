@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import bands
 from pipeline import schema as S
 from pipeline.io import layout
 from pipeline.io.manifests import MANIFEST_FORMAT
@@ -130,14 +131,6 @@ def score_summary(scores: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _band_labels(scores: np.ndarray) -> np.ndarray:
-    labels = np.full(scores.shape, S.UNSCORED_BAND, dtype=object)
-    finite = np.isfinite(scores)
-    index = np.searchsorted(np.asarray(S.BAND_EDGES), scores[finite], side="right")
-    labels[finite] = np.asarray(S.BAND_LABELS, dtype=object)[index]
-    return labels
-
-
 def commit_unit(output: str, run_id: str, unit_id: str, shard_versions: list[dict[str, Any]],
                 identity: Mapping[str, Any], timings: Mapping[str, float],
                 storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -171,15 +164,15 @@ def commit_unit(output: str, run_id: str, unit_id: str, shard_versions: list[dic
     scores = table[S.AESTHETIC_SCORE].to_numpy(zero_copy_only=False).astype(np.float64)
     order = np.argsort(np.where(np.isfinite(scores), -scores, np.inf), kind="stable")
     table, scores = table.take(pa.array(order)), scores[order]
-    bands = _band_labels(scores)
+    labels = bands.bands_of(scores)
 
     manifest_path = layout.manifest_file(root, unit_id)
     if fs.exists(manifest_path):
         fs.rm(manifest_path)  # uncommitted from here until the new manifest lands
     files = []
-    for band in S.ALL_BANDS:
+    for band in bands.ALL:
         path = layout.data_file(root, band, unit_id)
-        rows = np.flatnonzero(bands == band)
+        rows = np.flatnonzero(labels == band)
         if rows.size == 0:
             if fs.exists(path):
                 fs.rm(path)

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
+from pipeline import bands
 from pipeline import schema as S
 from pipeline.cutoffs import LAION_PUBLISHED_COUNTS
 from pipeline.io import layout
@@ -107,4 +108,4 @@ def test_cutoff_table_equals_counts_recomputed_from_parquet(scored, s3_server):
 def test_bands_partition_the_rows_by_score(scored):
     for row in scored["table"].to_pylist():
         score = row[S.AESTHETIC_SCORE]
-        assert row[S.SCORE_BAND] == S.band_of(None if score is None else float(score))
+        assert row[S.SCORE_BAND] == bands.band_of(None if score is None else float(score))
