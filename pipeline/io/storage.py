@@ -29,7 +29,7 @@ S3_CONNECT_TIMEOUT_S = 10
 CONNECT_BUDGET_S = 5.0
 
 
-def _s3_options(storage_options: Mapping[str, Any]) -> dict[str, Any]:
+def s3_options(storage_options: Mapping[str, Any]) -> dict[str, Any]:
     options: dict[str, Any] = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
@@ -46,7 +46,7 @@ def _s3_endpoint(uri: str, storage_options: Mapping[str, Any] | None) -> str | N
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
     if protocol not in ("s3", "s3a"):
         return None
-    return _s3_options(storage_options or {}).get("endpoint_url")
+    return s3_options(storage_options or {}).get("endpoint_url")
 
 
 def check_reachable(uri: str, storage_options: Mapping[str, Any] | None = None,
@@ -81,7 +81,7 @@ def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tu
     if protocol == "file":
         return url_to_fs(uri)
     if protocol in ("s3", "s3a"):
-        return url_to_fs(uri, **_s3_options(storage_options or {}))
+        return url_to_fs(uri, **s3_options(storage_options or {}))
     return url_to_fs(uri, **(storage_options or {}))
 
 
