@@ -63,7 +63,7 @@ def test_a_committed_unit_is_what_every_engine_reads(tmp_path):
     expected = ["u1-4.0", "u1-5.5", "u1-6.7"]
     assert _keys(tmp_path) == expected
     assert sorted(pl.read_delta(str(tmp_path))["key"].to_list()) == expected
-    dataset = open_table(str(tmp_path)).to_pyarrow_dataset()
+    dataset = open_table(str(tmp_path)).to_pyarrow_dataset()  # noqa: F841 - DuckDB reads it by name
     assert sorted(k for (k,) in duckdb.sql("SELECT key FROM dataset").fetchall()) == expected
     assert sorted(pl.read_delta(str(tmp_path)).filter(pl.col(bands.COLUMN) == "ge6.5")["key"]) == ["u1-6.7"]
     assert units.read_records(str(tmp_path))["u1"]["rows"] == 3
