@@ -3,7 +3,7 @@
 Same stages, same code, same output as :func:`pipeline.runner.run_score`: every shard is read and joined
 with its sidecar (:func:`pipeline.stages.read.read_shard_rows`), decoded (:class:`Decode`), embedded and
 scored (:class:`EmbedScore`, same loader and model), staged (:class:`WriteStaging`) and committed one unit
-at a time (:func:`commit_unit`: band files + manifest), then the cutoff table is written. Batches are
+at a time (:func:`commit_unit`: band files + one Delta commit), then the cutoff table is written. Batches are
 ``batch_size`` rows within a unit, as the job's decode and embed batches are.
 
 What it leaves out is what Ray adds: no lease, no tasks, no actors, no object store. It is the "could a
@@ -22,6 +22,7 @@ import pyarrow as pa
 from pipeline.config import ScoreConfig
 from pipeline.cutoffs import write_cutoffs
 from pipeline.io.shards import list_shards, plan_units
+from pipeline.io.commits import UnitCommitter
 from pipeline.io.writer import WriteStaging, commit_unit
 from pipeline.models.clip import image_geometry
 from pipeline.planning import run_identity
@@ -75,6 +76,7 @@ def run_plain(config: ScoreConfig, embed_loader: Any = None, run_id: str | None 
         storage_options=config.storage_options, loader=embed_loader))
     staging = WriteStaging(config.output, summary.run_id, config.storage_options)
     identity = run_identity(config, config.shards_per_unit)
+    committer = UnitCommitter(config.output, config.storage_options)
     batch_size = config.resources.embed_batch_size
 
     for unit in units:
@@ -93,11 +95,11 @@ def run_plain(config: ScoreConfig, embed_loader: Any = None, run_id: str | None 
             first_rows = first_rows if first_rows is not None else time.perf_counter() - unit_started
         timings = {"first_rows_s": round(first_rows or 0.0, 3),
                    "all_rows_s": round(time.perf_counter() - unit_started, 3)}
-        manifest = timed("commit", commit_unit, config.output, summary.run_id, unit.unit_id, unit.versions(),
-                         identity, timings, dict(config.storage_options))
+        record = timed("commit", commit_unit, committer, summary.run_id, unit.unit_id, unit.versions(), identity,
+                       timings)
         summary.units += 1
-        summary.rows += manifest["rows"]
-        summary.scored += manifest["score"]["scored"]
+        summary.rows += record["rows"]
+        summary.scored += record["score"]["scored"]
     timed("commit", write_cutoffs, config.output, config.storage_options)
     summary.wall_s = time.perf_counter() - started
     return summary

@@ -25,7 +25,7 @@ TINY_WARNING = (
     "\n" + "!" * 78 + "\n"
     "!! TINY RANDOM-WEIGHT MODEL: no CLIP weights were given, so this run uses a tiny\n"
     "!! open_clip architecture with seeded random weights. Its scores MEAN NOTHING.\n"
-    "!! Every manifest records tiny_random=true. For real scores give --pretrained\n"
+    "!! Every unit record says tiny_random=true. For real scores give --pretrained\n"
     "!! (a hub tag, or a path/URI of ViT-L-14-quickgelu OpenAI weights).\n"
     + "!" * 78 + "\n"
 )
@@ -170,7 +170,7 @@ def print_summary(summary: Any) -> None:
     for table in summary.cutoffs:
         print()
         print(table.to_markdown())
-    print(f"output: {summary.output} (Parquet under score_band=*/, manifests under _manifests/, "
+    print(f"output: {summary.output} (a Delta table: Parquet under score_band=*/, unit facts in _units/, "
           f"the cutoff table in {layout.CUTOFFS_MD} and {layout.CUTOFFS_JSON})")
 
 
@@ -184,6 +184,16 @@ def cmd_cutoffs(args: argparse.Namespace) -> int:
         return ExitCode.INPUT
     for table in tables:
         print(table.to_markdown())
+    return ExitCode.OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from pipeline.migrate import MIGRATED, migrate
+
+    result = migrate(args.output, dict(args.storage_option or []))
+    print(f"migrated {result.units} units ({result.rows} rows) of {args.output} into Delta tables"
+          + (f", {result.skipped} converted before" if result.skipped else "")
+          + f"; the old manifests are in {MIGRATED}/")
     return ExitCode.OK
 
 
@@ -207,10 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_options(status)
     status.set_defaults(run=cmd_status)
 
-    cutoffs = commands.add_parser("cutoffs", help="the cutoff table of an output prefix, from its manifests")
+    cutoffs = commands.add_parser("cutoffs", help="the cutoff table of an output prefix, from its unit table")
     cutoffs.add_argument("output")
     add_storage_options(cutoffs)
     cutoffs.set_defaults(run=cmd_cutoffs)
+
+    migrate = commands.add_parser("migrate", help="convert an output of the earlier layout (_manifests/) into "
+                                                  "Delta tables")
+    migrate.add_argument("output")
+    add_storage_options(migrate)
+    migrate.set_defaults(run=cmd_migrate)
 
     import importlib
 

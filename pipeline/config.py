@@ -96,7 +96,7 @@ class ModelConfig:
 
     ``pretrained`` is an open_clip tag ("openai": fetched from the model hub when reachable) or a
     WeightsSpec URI of a state-dict file (.safetensors, .bin, .pt). ``name == "tiny-random"`` builds
-    a tiny architecture with seeded random weights: its scores mean nothing and every manifest says so.
+    a tiny architecture with seeded random weights: its scores mean nothing and every record says so.
     """
 
     name: str = "ViT-L-14-quickgelu"

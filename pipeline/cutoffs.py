@@ -1,6 +1,6 @@
 """The LAION-Aesthetics cutoff table: our counts per threshold beside the published ones.
 
-Built from manifests alone (each holds its unit's counts at every threshold), never by rescanning
+Built from the unit table alone (each holds its unit's counts at every threshold), never by rescanning
 the Parquet, so it costs the same for a thousand rows or two billion.
 """
 
@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping
 
 from pipeline import schema as S
 from pipeline.io import layout
-from pipeline.io.manifests import read_manifests
+from pipeline.io.units import read_units
 from pipeline.io.storage import filesystem, join, write_bytes_atomic, write_json_atomic
 
 # LAION blog "LAION-Aesthetics" (2022-08-16), V2 predictor over LAION-2B-en.
@@ -66,11 +66,11 @@ class CutoffTable:
         return "\n".join(lines) + "\n"
 
 
-def build_tables(manifests: Iterable[Mapping[str, Any]]) -> list[CutoffTable]:
+def build_tables(records: Iterable[Mapping[str, Any]]) -> list[CutoffTable]:
     """One table per model identity found (a prefix mid-way through a rescore holds two)."""
     groups: dict[str, list[Mapping[str, Any]]] = {}
-    for manifest in manifests:
-        groups.setdefault(manifest["model_key"], []).append(manifest)
+    for record in records:
+        groups.setdefault(record["model_key"], []).append(record)
     tables = []
     for model_key, group in sorted(groups.items()):
         scored = sum(m["score"]["scored"] for m in group)
@@ -90,8 +90,8 @@ def build_tables(manifests: Iterable[Mapping[str, Any]]) -> list[CutoffTable]:
 
 
 def write_cutoffs(output: str, storage_options: Mapping[str, Any] | None = None) -> list[CutoffTable]:
-    """Aggregate the committed manifests and write the cutoff table (JSON and Markdown) under the prefix."""
-    tables = build_tables(read_manifests(output, storage_options).values())
+    """Aggregate the committed records and write the cutoff table (JSON and Markdown) under the prefix."""
+    tables = build_tables(read_units(output, storage_options).values())
     fs, root = filesystem(output, storage_options)
     write_json_atomic(fs, join(root, layout.CUTOFFS_JSON), {"tables": [t.to_json() for t in tables]})
     markdown = "\n".join(t.to_markdown() for t in tables) or "No committed units yet.\n"

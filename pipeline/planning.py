@@ -1,6 +1,6 @@
 """What a run must do: which units are done, which are pending and why, judged by what scored them.
 
-A unit is done when its manifest lists exactly its shards at their current versions and was scored by
+A unit is done when its record lists exactly its shards at their current versions and was scored by
 the same model identity: the CLIP weights' sha256, the precision they ran in and each head's sha256.
 Where a file lives and what it is called play no part: the same weights copied elsewhere score the same.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from pipeline.config import ScoreConfig
-from pipeline.io.manifests import read_manifests
+from pipeline.io.units import read_units
 from pipeline.io.shards import Shard, WorkUnit, plan_units
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def model_key(config: ScoreConfig) -> str:
 
 
 def run_identity(config: ScoreConfig, shards_per_unit: int, requested_precision: str | None = None) -> dict[str, Any]:
-    """What every manifest of a run records about the model that scored it."""
+    """What every unit record of a run says about the model that scored it."""
     model = config.model
     return {
         "model_key": model_key(config),
@@ -64,32 +64,32 @@ class Plan:
     reasons: dict[str, str]  # why each pending unit is pending
 
 
-def committed_shards_per_unit(manifests: Mapping[str, Mapping[str, Any]]) -> int | None:
+def committed_shards_per_unit(records: Mapping[str, Mapping[str, Any]]) -> int | None:
     """The unit size a prefix was first scored with: it fixes unit membership for good."""
-    sizes = {m["shards_per_unit"] for m in manifests.values() if "shards_per_unit" in m}
+    sizes = {m["shards_per_unit"] for m in records.values() if "shards_per_unit" in m}
     if len(sizes) > 1:
-        raise RuntimeError(f"manifests disagree on shards_per_unit ({sorted(sizes)}): the prefix is inconsistent")
+        raise RuntimeError(f"records disagree on shards_per_unit ({sorted(sizes)}): the prefix is inconsistent")
     return sizes.pop() if sizes else None
 
 
-def pending_reason(unit: WorkUnit, manifest: Mapping[str, Any] | None, key: str | None) -> str | None:
-    """Why ``unit`` needs scoring (None: its manifest is current). A reason starting with STALE needs
+def pending_reason(unit: WorkUnit, record: Mapping[str, Any] | None, key: str | None) -> str | None:
+    """Why ``unit`` needs scoring (None: its record is current). A reason starting with STALE needs
     --rescore; ``key=None`` accepts any model."""
-    if manifest is None:
+    if record is None:
         return "new"
-    if not unit.matches(manifest["shards"]):
+    if not unit.matches(record["shards"]):
         return "shards added or changed"
-    if key is not None and manifest.get("model_key") != key:
-        return f"{STALE}: {manifest.get('model_key')}"
+    if key is not None and record.get("model_key") != key:
+        return f"{STALE}: {record.get('model_key')}"
     return None
 
 
 def plan_run(config: ScoreConfig, shards: Sequence[Shard],
-             manifests: Mapping[str, Mapping[str, Any]] | None = None) -> Plan:
+             records: Mapping[str, Mapping[str, Any]] | None = None) -> Plan:
     """Units of ``shards`` against what ``config.output`` has committed, for a pinned ``config``."""
-    if manifests is None:
-        manifests = read_manifests(config.output, config.storage_options)
-    shards_per_unit = committed_shards_per_unit(manifests) or config.shards_per_unit
+    if records is None:
+        records = read_units(config.output, config.storage_options)
+    shards_per_unit = committed_shards_per_unit(records) or config.shards_per_unit
     if shards_per_unit != config.shards_per_unit:
         # Regrouping would give committed shards new unit ids, and their rows would exist twice.
         log.warning("output %s was scored with %d shards per unit; keeping that (not %d)",
@@ -98,7 +98,7 @@ def plan_run(config: ScoreConfig, shards: Sequence[Shard],
     key = model_key(config)
     plan = Plan(units, shards_per_unit, [], [], [], {})
     for unit in units:
-        why = pending_reason(unit, manifests.get(unit.unit_id), key)
+        why = pending_reason(unit, records.get(unit.unit_id), key)
         if why is None:
             plan.done.append(unit.unit_id)
         elif why.startswith(STALE) and not config.rescore:

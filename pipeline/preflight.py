@@ -4,7 +4,7 @@ In order: the object-store endpoints answer, the output is a place we may write 
 with the input, the input lists shards, every weights file is found, is the pinned one and loads, and
 the device and precision the embed actors will run with are fixed. What comes out is the job's config
 with every weights file pinned by sha256 and the model's device and precision as they will run, so the
-actors load exactly the files checked here and the manifests record what ran.
+actors load exactly the files checked here and the records record what ran.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pipeline.config import KNOWN_HEADS, HeadSpec, ModelConfig, ScoreConfig, Wei
 from pipeline.errors import OutputError, WeightsError
 from pipeline.io.shards import Shard, list_shards
 from pipeline.io.storage import check_reachable, filesystem, full_uri, protocol_of
+from pipeline.io.units import refuse_earlier_layout
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def check_output_location(output: str, inputs: Sequence[str], storage_options: M
         if _inside(out_root, in_root) or _inside(in_root, out_root):
             raise OutputError(f"--output {output} and --input {uri} overlap: the next listing of the input would "
                               f"see the output's files; put the output outside the input")
+    refuse_earlier_layout(output, storage_options)
     if protocol_of(fs) in ("file", "local"):
         _check_local_writable(root)
 

@@ -25,6 +25,8 @@ from pipeline.io import layout
 from pipeline.io.lease import Lease
 from pipeline.io.shards import WorkUnit
 from pipeline.io.storage import filesystem, join, write_json_atomic
+from pipeline.io import units as unit_table
+from pipeline.io.commits import UnitCommitter
 from pipeline.io.writer import commit_unit
 from pipeline.planning import model_key, plan_run, run_identity
 from pipeline.preflight import PreparedRun, prepare_run
@@ -81,7 +83,7 @@ def _remove_orphan_staging(config: ScoreConfig, run_id: str) -> None:
 
 
 def execute(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str, summary: RunSummary,
-            identity: Mapping[str, Any], embed_loader: Any = None,
+            identity: Mapping[str, Any], committer: UnitCommitter, embed_loader: Any = None,
             on_commit: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Stream the pipeline; commit each unit the moment all its shards' rows have been staged."""
     from pipeline.graph import build_dataset  # imports the stages: keep `plan` and `status` light
@@ -97,7 +99,7 @@ def execute(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str, summary
     ds = build_dataset(config, units, run_id, embed_loader=embed_loader)
     # A commit is a few object-store reads and writes: driver threads do it while the stream goes
     # on, with no Ray worker to start and no CPU taken from decode.
-    with ThreadPoolExecutor(max_workers=COMMIT_THREADS, thread_name_prefix="commit") as committer:
+    with ThreadPoolExecutor(max_workers=COMMIT_THREADS, thread_name_prefix="commit") as threads:
         for stats in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for unit_id, shard, rows, shard_rows in zip(stats[S.UNIT], stats[S.SHARD], stats["rows"],
                                                         stats[S.SHARD_ROWS]):
@@ -110,9 +112,8 @@ def execute(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str, summary
                 if complete and unit_id not in commits:
                     timings = {"first_rows_s": round(first_seen[unit_id], 3),
                                "all_rows_s": round(time.time() - started, 3)}
-                    commits[unit_id] = committer.submit(
-                        commit_unit, config.output, run_id, unit_id, by_id[unit_id].versions(), identity,
-                        timings, dict(config.storage_options))
+                    commits[unit_id] = threads.submit(
+                        commit_unit, committer, run_id, unit_id, by_id[unit_id].versions(), identity, timings)
 
     for unit_id in shard_names:
         if unit_id not in commits:
@@ -120,17 +121,17 @@ def execute(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str, summary
             summary.units_failed[unit_id] = f"rows never all arrived: {missing}"
     for unit_id, future in commits.items():
         try:
-            manifest = future.result()
+            record = future.result()
         except Exception as exc:  # noqa: BLE001 - one unit's failure must not lose the others
             summary.units_failed[unit_id] = f"{type(exc).__name__}: {exc}"
             continue
         summary.units_committed.append(unit_id)
-        summary.rows += manifest["rows"]
-        summary.scored += manifest["score"]["scored"]
-        for status, count in manifest["counts_by_status"].items():
+        summary.rows += record["rows"]
+        summary.scored += record["score"]["scored"]
+        for status, count in record["counts_by_status"].items():
             summary.counts_by_status[status] = summary.counts_by_status.get(status, 0) + count
         if on_commit:
-            on_commit(manifest)
+            on_commit(record)
 
 
 def run_score(config: ScoreConfig, run_id: str | None = None, embed_loader: Any = None,
@@ -158,6 +159,7 @@ def run_prepared(prepared: PreparedRun, run_id: str | None = None, embed_loader:
     try:
         if on_start:
             on_start()
+        committer = UnitCommitter(config.output, config.storage_options)  # first, it completes a stopped run's
         plan = plan_run(config, prepared.shards)
         identity = run_identity(config, plan.shards_per_unit, prepared.requested_precision)
         summary = RunSummary(run_id=run_id, output=config.output, input=list(config.input),
@@ -170,7 +172,9 @@ def run_prepared(prepared: PreparedRun, run_id: str | None = None, embed_loader:
         _remove_orphan_staging(config, run_id)
         if plan.pending:
             ensure_ray()
-            execute(config, plan.pending, run_id, summary, identity, embed_loader=embed_loader)
+            execute(config, plan.pending, run_id, summary, identity, committer, embed_loader=embed_loader)
+            if summary.units_committed:
+                unit_table.compact(config.output, config.storage_options)
         fs, root = filesystem(config.output, config.storage_options)
         own_staging = layout.staging_dir(root, run_id, "").rstrip("/")
         if fs.exists(own_staging):  # what is left belongs to failed units: the next run redoes them

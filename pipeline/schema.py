@@ -70,7 +70,7 @@ def score_column(head_name: str) -> str:
 # LAION-Aesthetics' published cut-offs, the rows of the cutoff table.
 LAION_THRESHOLDS = (4.5, 4.75, 5.0, 6.0, 6.25, 6.5)
 
-# Histogram kept in every manifest: 0.25-wide bins over [0, 10) plus under/overflow, so every
+# Histogram kept in every record: 0.25-wide bins over [0, 10) plus under/overflow, so every
 # LAION threshold is a bin edge and the cutoff table never needs the Parquet.
 HIST_LOW, HIST_HIGH, HIST_STEP = 0.0, 10.0, 0.25
 HIST_BINS = int(round((HIST_HIGH - HIST_LOW) / HIST_STEP))

@@ -1,6 +1,6 @@
 """`aesthetics status`: which units are done, pending or failed, by model version, and why.
 
-Everything comes from the output prefix itself: manifests say what is committed, run summaries
+Everything comes from the output prefix itself: the unit table says what is committed, run summaries
 say what the last runs tried and what failed, and the last run's input is listed again to find
 what is pending.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from pipeline.io import layout
-from pipeline.io.manifests import read_manifests
+from pipeline.io.units import read_units
 from pipeline.io.shards import plan_units, list_shards
 from pipeline.io.storage import filesystem, join, read_json
 from pipeline.planning import STALE, committed_shards_per_unit, pending_reason
@@ -55,13 +55,13 @@ def read_run_summaries(output: str, storage_options: Mapping[str, Any] | None = 
 
 def unit_status(output: str, inputs: Sequence[str] | None = None, model_key: str | None = None,
                 shards_per_unit: int | None = None, storage_options: Mapping[str, Any] | None = None) -> StatusReport:
-    manifests = read_manifests(output, storage_options)
+    records = read_units(output, storage_options)
     runs = read_run_summaries(output, storage_options)
     report = StatusReport(output=output, last_run=runs[-1] if runs else None)
-    for manifest in manifests.values():
-        key = manifest["model_key"]
+    for record in records.values():
+        key = record["model_key"]
         report.committed_by_model[key] = report.committed_by_model.get(key, 0) + 1
-        report.rows_by_model[key] = report.rows_by_model.get(key, 0) + manifest["rows"]
+        report.rows_by_model[key] = report.rows_by_model.get(key, 0) + record["rows"]
     for run in runs:  # later runs overwrite earlier verdicts
         for unit, why in run.get("units_failed", {}).items():
             report.failed[unit] = f"{why} (run {run['run_id']})"
@@ -70,10 +70,10 @@ def unit_status(output: str, inputs: Sequence[str] | None = None, model_key: str
     report.input = list(inputs or (runs[-1].get("input", []) if runs else []))
     key = model_key or (runs[-1].get("model_key") if runs else None)
     if report.input:
-        per_unit = (shards_per_unit or committed_shards_per_unit(manifests)
+        per_unit = (shards_per_unit or committed_shards_per_unit(records)
                     or (runs[-1].get("shards_per_unit") if runs else None) or 4)
         for unit in plan_units(list_shards(report.input, storage_options), per_unit):
-            why = pending_reason(unit, manifests.get(unit.unit_id), key)
+            why = pending_reason(unit, records.get(unit.unit_id), key)
             if why is not None:
                 report.pending[unit.unit_id] = why + (" (needs --rescore)" if why.startswith(STALE) else "")
     return report

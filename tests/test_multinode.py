@@ -245,7 +245,7 @@ def _aesthetics(*args: str, env: dict[str, str], timeout: float = 300) -> subpro
 def _rows(output: Path) -> list[tuple[str, str, str]]:
     import pyarrow.dataset as pads
 
-    from pipeline.io.manifests import committed_files
+    from pipeline.io.delta import committed_files
 
     table = pads.dataset(committed_files(str(output)), format="parquet", partitioning="hive").to_table(
         columns=["unit", "key", "status"])
@@ -253,8 +253,10 @@ def _rows(output: Path) -> list[tuple[str, str, str]]:
 
 
 def _check_output(output: Path, dataset) -> None:
-    manifests = sorted((output / "_manifests").glob("*.json"))
-    assert len(manifests) == len(dataset.tar_paths) == 5, [m.name for m in manifests]
+    from pipeline.io.units import read_units
+
+    records = read_units(str(output))
+    assert len(records) == len(dataset.tar_paths) == 5, sorted(records)
     rows = _rows(output)
     keys = [key for _, key, _ in rows]
     assert len(keys) == len(set(keys)), "a key was written twice"
@@ -262,7 +264,7 @@ def _check_output(output: Path, dataset) -> None:
     statuses = {key: status for _, key, status in rows}
     assert all(statuses[k] == "ok" for k in dataset.expected_keys)
     assert all(statuses[k] == "download_failed" for k in dataset.failed_keys)
-    total = sum(json.loads(m.read_text())["rows"] for m in manifests)
+    total = sum(record["rows"] for record in records.values())
     assert total == len(keys)
 
 
@@ -340,8 +342,8 @@ def killed_run(cluster, shards, heads_dir, tmp_path_factory) -> KilledRun:
             time.sleep(0.05)
         else:
             pytest.fail("worker-b never ran a task of the job:\n" + log_path.read_text()[-3000:])
-        manifests = output / "_manifests"
-        committed = len(list(manifests.glob("*.json"))) if manifests.exists() else 0
+        log_folder = output / "_delta_log"  # one commit (file) per unit
+        committed = len(list(log_folder.glob("*.json"))) if log_folder.exists() else 0
         _kill_marked(victim.marker)
         print(f"\n>>> killed worker-b (all its processes) while it ran {busy}; {committed} of 5 units "
               "were committed")

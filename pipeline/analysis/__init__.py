@@ -9,10 +9,10 @@
 
 from pipeline.analysis.reading import (
     BAND_RANGES, bands_at_least, committed_paths, duckdb_relation, fetch_image, fetch_images, open_scores,
-    read_manifests, score_filter, thumbnail,
+    read_units, score_filter, thumbnail,
 )
 
 __all__ = [
     "BAND_RANGES", "bands_at_least", "committed_paths", "duckdb_relation", "fetch_image", "fetch_images",
-    "open_scores", "read_manifests", "score_filter", "thumbnail",
+    "open_scores", "read_units", "score_filter", "thumbnail",
 ]

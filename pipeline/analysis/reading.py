@@ -1,15 +1,15 @@
 """Read a scored output prefix: committed units only, as a pyarrow dataset or a DuckDB relation.
 
-Only the data files that the manifests list are read (``pipeline.io.manifests.committed_files``): a unit
-whose commit was interrupted, staging folders and leftovers of crashed runs are invisible here, exactly as
-they are to the cutoff table. The ``score_band`` Hive partition comes back as a column, and rows inside each
+The output is a Delta Lake table: only the files its log lists are read, so a unit whose commit was
+interrupted, a unit's replaced files, staging folders and leftovers of crashed runs are invisible here,
+exactly as they are to the cutoff table. The ``score_band`` Hive partition comes back as a column, and rows inside each
 file are sorted by score, so a filter on ``aesthetic_score`` prunes partitions *and* row groups::
 
     from pipeline.analysis import open_scores, score_filter
     ds = open_scores("s3://bucket/scores")
     best = ds.to_table(columns=["key", "caption", "aesthetic_score"], filter=score_filter(6.5))
 
-DuckDB SQL over the same committed files (a view named ``scores``)::
+DuckDB SQL over the same snapshot (a view named ``scores``)::
 
     import duckdb
     from pipeline.analysis import duckdb_relation
@@ -27,21 +27,21 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from pipeline import bands
 from pipeline import schema as S
 from pipeline.bands import bands_at_least
-from pipeline.io.manifests import committed_files, read_manifests
-from pipeline.io.storage import filesystem, protocol_of
+from pipeline.io.delta import committed_files, open_table
+from pipeline.io.storage import filesystem
+from pipeline.io.units import read_units, refuse_earlier_layout
 
 __all__ = [
     "BAND_RANGES", "ImageRef", "bands_at_least", "committed_paths", "duckdb_relation", "fetch_image",
-    "fetch_images", "open_scores", "read_manifests", "score_filter", "thumbnail",
+    "fetch_images", "open_scores", "read_units", "score_filter", "thumbnail",
 ]
 
 PARTITIONING = pads.partitioning(pa.schema([pa.field(S.SCORE_BAND, pa.string())]), flavor="hive")
@@ -67,51 +67,29 @@ def score_filter(min_score: float | None = None, max_score: float | None = None,
     return expression
 
 
-def committed_paths(output: str, storage_options: Mapping[str, Any] | None = None,
-                    manifests: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Any, list[str]]:
-    """(fsspec filesystem, paths within it) of the committed data files, in manifest order."""
+def committed_paths(output: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, list[str]]:
+    """(fsspec filesystem, paths within it) of the data files in the output's current snapshot."""
     fs, _ = filesystem(output, storage_options)
-    uris = committed_files(output, storage_options, manifests=manifests)
-    return fs, [fs._strip_protocol(uri) for uri in uris]
-
-
-def _unified_schema(fs: Any, paths: Sequence[str], manifests: Mapping[str, Mapping[str, Any]],
-                    root: str) -> pa.Schema | None:
-    """One file's footer per run: files of one run share their columns (same heads, embeddings on or
-    off), so this sees every column without opening every footer of a billion-row prefix."""
-    by_run: dict[str, str] = {}
-    for manifest in manifests.values():
-        for entry in manifest["files"]:
-            by_run.setdefault(str(manifest.get("run_id")) + str(manifest.get("model_key")),
-                              root.rstrip("/") + "/" + entry["path"])
-    if not paths:
-        return None
-    schemas = []
-    for path in by_run.values() or paths[:1]:
-        with fs.open(path, "rb") as handle:
-            schemas.append(pq.read_schema(handle))
-    unified = pa.unify_schemas(schemas, promote_options="permissive")
-    return unified.append(pa.field(S.SCORE_BAND, pa.string()))
+    return fs, [fs._strip_protocol(uri) for uri in committed_files(output, storage_options)]
 
 
 def open_scores(output: str, storage_options: Mapping[str, Any] | None = None,
-                manifests: Mapping[str, Mapping[str, Any]] | None = None) -> pads.Dataset:
+                version: int | None = None) -> pads.Dataset:
     """The committed rows under ``output`` as a pyarrow dataset with the ``score_band`` partition column.
 
-    Only files listed in manifests are part of it. Filters given to ``to_table``/``scanner`` are pushed
-    down: ``score_band`` prunes whole files, ``aesthetic_score`` prunes row groups (see :func:`score_filter`).
+    It is the Delta table's snapshot (``version``: an earlier one, e.g. before last night's run): files of
+    uncommitted or replaced units are not in it. Filters given to ``to_table``/``scanner`` are pushed down:
+    ``score_band`` prunes whole files, ``aesthetic_score`` prunes row groups (see :func:`score_filter`).
     An empty prefix gives an empty dataset with the output schema.
     """
-    fs, root = filesystem(output, storage_options)
-    if manifests is None:
-        manifests = read_manifests(output, storage_options)
-    _, paths = committed_paths(output, storage_options, manifests)
-    if not paths:
+    table = open_table(output, storage_options)
+    if table is None:
+        refuse_earlier_layout(output, storage_options)
         empty = S.output_schema().append(pa.field(S.SCORE_BAND, pa.string()))
         return pads.dataset(empty.empty_table())
-    schema = _unified_schema(fs, paths, manifests, root)
-    return pads.dataset(paths, schema=schema, format="parquet", filesystem=fs, partitioning=PARTITIONING,
-                        partition_base_dir=root.rstrip("/"))
+    if version is not None:
+        table.load_as_version(version)
+    return table.to_pyarrow_dataset()
 
 
 _VIEW_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -121,33 +99,17 @@ def duckdb_relation(output: str, con: Any = None, view_name: str = "scores",
                     storage_options: Mapping[str, Any] | None = None) -> Any:
     """A DuckDB relation over the committed rows, also registered on ``con`` as the view ``view_name``.
 
-    DuckDB's own Parquet reader reads exactly the files the manifests list (``hive_partitioning`` gives the
-    ``score_band`` column; ``union_by_name`` copes with units scored with other heads), so its filter and
-    projection pushdown apply; ``embedding`` reads as ``FLOAT[]``. For object storage the job's fsspec
-    filesystem (with ``storage_options``) is registered on the connection, so DuckDB needs no credentials
-    or endpoint of its own. Unscored rows have a NaN score: filter on ``status = 'ok'``.
-    The view is a snapshot of the manifests at call time: call again to see units committed later.
+    DuckDB scans the Delta snapshot's pyarrow dataset (:func:`open_scores`), so filters and projections are
+    pushed down to it; ``embedding`` reads as ``FLOAT[]``. Unscored rows have a NaN score: filter on
+    ``status = 'ok'``. The view is the snapshot at call time: call again to see units committed later.
     """
     import duckdb
 
     if not _VIEW_NAME.match(view_name):
         raise ValueError(f"view name {view_name!r} must be a plain SQL identifier")
     con = con if con is not None else duckdb.connect()
-    fs, _ = filesystem(output, storage_options)
-    uris = committed_files(output, storage_options)
-    if not uris:
-        empty = S.output_schema().append(pa.field(S.SCORE_BAND, pa.string())).empty_table()
-        con.register(f"{view_name}__empty", empty)
-        con.execute(f"CREATE OR REPLACE VIEW {view_name} AS SELECT * FROM {view_name}__empty")
-        return con.table(view_name)
-    if protocol_of(fs) not in ("file", "local"):
-        # One fsspec filesystem per protocol and connection: the latest call's options win.
-        if protocol_of(fs) in con.list_filesystems():
-            con.unregister_filesystem(protocol_of(fs))
-        con.register_filesystem(fs)
-    listing = ", ".join("'" + uri.replace("'", "''") + "'" for uri in uris)
-    con.execute(f"CREATE OR REPLACE VIEW {view_name} AS SELECT * FROM read_parquet([{listing}], "
-                f"hive_partitioning = true, union_by_name = true)")
+    con.register(f"{view_name}__snapshot", open_scores(output, storage_options))
+    con.execute(f"CREATE OR REPLACE VIEW {view_name} AS SELECT * FROM {view_name}__snapshot")
     return con.table(view_name)
 
 

@@ -2,9 +2,9 @@
 
 What it shows, and where each part comes from:
 
-- the cutoff table beside LAION-Aesthetics' published counts, and rows by status: from the manifests only
+- the cutoff table beside LAION-Aesthetics' published counts, and rows by status: from the records only
   (:func:`pipeline.cutoffs.build_tables`), never a rescan;
-- the score histogram (the manifests' fixed 0.25-wide bins, summed) with LAION's thresholds marked, as an
+- the score histogram (the records' fixed 0.25-wide bins, summed) with LAION's thresholds marked, as an
   inline PNG;
 - per score band, highest first: the best, median and worst images with their caption, key and score. The
   rows come from DuckDB over the committed files; each image is read from its shard with ONE ranged read
@@ -32,7 +32,7 @@ from pipeline import bands as band_labels
 from pipeline import schema as S
 from pipeline.analysis.reading import duckdb_relation, fetch_images, thumbnail
 from pipeline.cutoffs import CutoffTable, build_tables
-from pipeline.io.manifests import read_manifests
+from pipeline.io.units import read_units
 from pipeline.io.storage import filesystem, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -68,20 +68,20 @@ class ReportInfo:
 # Data ---------------------------------------------------------------------------------------------
 
 
-def merged_histogram(manifests: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """(bin edges, counts, underflow, overflow) summed over the manifests' fixed score histograms."""
+def merged_histogram(records: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(bin edges, counts, underflow, overflow) summed over the records' fixed score histograms."""
     edges = np.linspace(S.HIST_LOW, S.HIST_HIGH, S.HIST_BINS + 1)
     counts = np.zeros(S.HIST_BINS, dtype=np.int64)
     under = over = 0
-    for manifest in manifests:
-        hist = manifest["score"]["histogram"]
+    for record in records:
+        hist = record["score"]["histogram"]
         counts += np.asarray(hist["counts"], dtype=np.int64)
         under += int(hist["underflow"])
         over += int(hist["overflow"])
     return edges, counts, under, over
 
 
-def histogram_png(manifests: Sequence[Mapping[str, Any]], title: str = "", width_in: float = 9.0,
+def histogram_png(records: Sequence[Mapping[str, Any]], title: str = "", width_in: float = 9.0,
                   height_in: float = 3.2, dpi: int = 110) -> bytes:
     """The score histogram with LAION's thresholds as dashed lines, as PNG bytes (matplotlib, Agg)."""
     import matplotlib
@@ -89,7 +89,7 @@ def histogram_png(manifests: Sequence[Mapping[str, Any]], title: str = "", width
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    edges, counts, under, over = merged_histogram(manifests)
+    edges, counts, under, over = merged_histogram(records)
     figure, axes = plt.subplots(figsize=(width_in, height_in), dpi=dpi)
     try:
         axes.bar(edges[:-1], counts, width=S.HIST_STEP, align="edge", color="#4c78a8", edgecolor="white")
@@ -297,18 +297,18 @@ def build_report(output: str, storage_options: Mapping[str, Any] | None = None, 
                  thumb_size: int = 192, title: str | None = None) -> tuple[str, ReportInfo]:
     """(HTML text, what went into it) for the committed units under ``output``."""
     started = time.time()
-    manifests = read_manifests(output, storage_options)
-    tables = build_tables(manifests.values())
+    records = read_units(output, storage_options)
+    tables = build_tables(records.values())
     import duckdb
 
     con = duckdb.connect()
     try:
         duckdb_relation(output, con=con, view_name="scores", storage_options=storage_options)
-        bands, rows = pick_thumbnail_rows(con, "scores", per_position) if manifests else ({}, [])
+        bands, rows = pick_thumbnail_rows(con, "scores", per_position) if records else ({}, [])
     finally:
         con.close()
     thumbs = load_thumbs(rows, storage_options, thumb_size)
-    histogram = histogram_png(list(manifests.values()))
+    histogram = histogram_png(list(records.values()))
     text = render_html(output, tables, histogram, bands, thumbs, title)
     info = ReportInfo(output=output, html_path=None, bands=bands, thumbs=thumbs, tables=list(tables),
                       seconds=round(time.time() - started, 3), html_bytes=len(text.encode()))

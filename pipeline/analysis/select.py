@@ -2,21 +2,21 @@
 take the top K, and optionally spread the picks.
 
 The query is embedded by the text tower of the SAME CLIP model that made the stored image embeddings: the
-model identity comes from the manifests (``model_key`` and the recorded model identity) and is checked
+model identity comes from the records (``model_key`` and the recorded model identity) and is checked
 against the loaded weights (architecture and sha256), so a query is never compared with embeddings from
 another model. The stored ``embedding`` column (L2-normalised fp16, written by ``score --write-embeddings``)
 is all that is read from the images: no image is decoded or re-embedded.
 
 Steps, per committed data file (the unit of parallelism):
 
-1. skip files whose score band cannot reach ``min_score`` (band from the manifest, no I/O);
+1. skip files whose score band cannot reach ``min_score`` (band from the record, no I/O);
 2. read ``status == ok AND aesthetic_score >= min_score`` (row groups pruned by their score statistics)
    for the selected model, in record batches;
 3. cosine similarity with the query = dot product of unit vectors; keep this file's best ``pool`` rows.
 
 The files' candidates are merged on the driver into the global best ``pool`` (exact: the global top-N is
 inside the union of every file's top-N). On a small prefix the files are read in the driver process; past
-``ray_min_rows`` rows (counted from the manifests) each file is a Ray task and the driver merges results as
+``ray_min_rows`` rows (counted from the records) each file is a Ray task and the driver merges results as
 they arrive, so its memory holds ``pool`` rows plus one file's result per task in flight.
 
 Diversity (``diverse=True``): **maximal marginal relevance** (Carbonell & Goldstein 1998) over the image
@@ -69,7 +69,8 @@ from pipeline import bands
 from pipeline import schema as S
 from pipeline.analysis.reading import fetch_images
 from pipeline.config import TINY_MODEL, ModelConfig
-from pipeline.io.manifests import read_manifests
+from pipeline.io.delta import embeddings_of
+from pipeline.io.units import read_units
 from pipeline.io.storage import filesystem, full_uri, join, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,12 @@ class MissingEmbeddings(SelectionError):
 _PIN = re.compile(r"@[0-9a-f]{12}$")
 
 
-def model_config_of(manifest: Mapping[str, Any]) -> ModelConfig:
-    """The CLIP model that scored a unit, from its manifest's ``clip`` record (weights pinned by sha256);
-    manifests written before that record existed name it in their ``model_key``."""
-    clip = manifest.get("clip")
+def model_config_of(record: Mapping[str, Any]) -> ModelConfig:
+    """The CLIP model that scored a unit, from its record's ``clip`` record (weights pinned by sha256);
+    records written before that record existed name it in their ``model_key``."""
+    clip = record.get("clip")
     if not clip:
-        return model_config_from_key(manifest["model_key"])
+        return model_config_from_key(record["model_key"])
     if clip["name"] == TINY_MODEL:
         return ModelConfig(name=TINY_MODEL, precision="fp32", seed=int(clip.get("seed") or 0))
     return ModelConfig(name=clip["name"], pretrained=clip["pretrained"], pretrained_sha256=clip.get("sha256"),
@@ -115,7 +116,7 @@ def model_config_of(manifest: Mapping[str, Any]) -> ModelConfig:
 
 
 def model_config_from_key(model_key: str) -> ModelConfig:
-    """The CLIP model an older manifest's ``model_key`` names (``<name>/<weights>[@pin]|<heads>``)."""
+    """The CLIP model an older record's ``model_key`` names (``<name>/<weights>[@pin]|<heads>``)."""
     clip_part = model_key.split("|", 1)[0]
     name, _, weights = clip_part.partition("/")
     if not name or not weights:
@@ -136,11 +137,11 @@ def _same_model(loaded_identity: str, recorded_identity: str) -> bool:
             and loaded_identity.rsplit("@", 1)[1] == recorded_identity.rsplit("@", 1)[1])
 
 
-def models_in(manifests: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+def models_in(records: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
     """Recorded CLIP identity -> unit ids scored with it."""
     units: dict[str, list[str]] = {}
-    for unit_id, manifest in manifests.items():
-        for identity in manifest.get("model") or []:
+    for unit_id, record in records.items():
+        for identity in record.get("model") or []:
             units.setdefault(identity, []).append(unit_id)
     return units
 
@@ -154,12 +155,12 @@ class QueryModel:
     embedding: np.ndarray  # (D,) float32, unit norm
 
 
-def embed_query(query: str, manifests: Mapping[str, Mapping[str, Any]], model: ModelConfig | None = None,
+def embed_query(query: str, records: Mapping[str, Mapping[str, Any]], model: ModelConfig | None = None,
                 weights_dirs: Sequence[str] = (), storage_options: Mapping[str, Any] | None = None,
                 device: str | None = None) -> QueryModel:
     """Embed ``query`` with the text tower of the model the scores were made with.
 
-    ``model`` overrides the model read from the manifests (e.g. a local copy of the weights when the
+    ``model`` overrides the model read from the records (e.g. a local copy of the weights when the
     scores name a hub tag); it must still be the same architecture and weights as some committed unit.
     """
     import torch
@@ -167,11 +168,11 @@ def embed_query(query: str, manifests: Mapping[str, Mapping[str, Any]], model: M
 
     from pipeline.models.clip import load_clip
 
-    recorded = models_in(manifests)
+    recorded = models_in(records)
     if not recorded:
         raise SelectionError("no committed unit records a model identity")
     if model is None:
-        configs = {model_config_of(m) for m in manifests.values()}
+        configs = {model_config_of(m) for m in records.values()}
         if len(configs) > 1:
             raise SelectionError(f"the units were scored with {len(configs)} models ({sorted(recorded)}); "
                                  f"choose one with --model/--pretrained")
@@ -191,11 +192,8 @@ def embed_query(query: str, manifests: Mapping[str, Mapping[str, Any]], model: M
 
 
 def _embeddings(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """(N, D) float32 from a fixed_size_list<float16> column."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    dim = array.type.list_size
-    flat = array.flatten()  # respects the slice offset
-    return flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    """(N, D) float32 from an embedding column."""
+    return embeddings_of(column)
 
 
 def _top_rows(table: pa.Table, limit: int) -> pa.Table:
@@ -268,19 +266,19 @@ def _merge(tables: Sequence[pa.Table], limit: int) -> pa.Table:
 @dataclass(frozen=True)
 class FilePlan:
     uris: list[str]
-    rows: int  # rows in those files, from the manifests
+    rows: int  # rows in those files, from the records
     skipped_by_band: int  # files whose band cannot reach min_score
 
 
-def plan_files(output: str, manifests: Mapping[str, Mapping[str, Any]], model_identity: str,
+def plan_files(output: str, records: Mapping[str, Mapping[str, Any]], model_identity: str,
                min_score: float | None, storage_options: Mapping[str, Any] | None = None) -> FilePlan:
     """The committed files that can hold a candidate: units of this model, bands that reach ``min_score``."""
     fs, root = filesystem(output, storage_options)
     uris, rows, skipped = [], 0, 0
-    for manifest in manifests.values():
-        if model_identity not in (manifest.get("model") or []):
+    for record in records.values():
+        if model_identity not in (record.get("model") or []):
             continue
-        for entry in manifest["files"]:
+        for entry in record["files"]:
             band = entry.get("band", "")
             if band == bands.UNSCORED:
                 continue
@@ -293,13 +291,13 @@ def plan_files(output: str, manifests: Mapping[str, Mapping[str, Any]], model_id
     return FilePlan(uris, rows, skipped)
 
 
-def check_embeddings(uris: Sequence[str], manifests: Mapping[str, Mapping[str, Any]],
+def check_embeddings(uris: Sequence[str], records: Mapping[str, Mapping[str, Any]],
                      storage_options: Mapping[str, Any] | None = None) -> None:
     """Fail before loading any model when the files have no embeddings: one footer per run is read
     (a run writes the same columns in all its files)."""
     if not uris:
         return
-    by_unit_run = {unit_id: str(m.get("run_id")) for unit_id, m in manifests.items()}
+    by_unit_run = {unit_id: str(m.get("run_id")) for unit_id, m in records.items()}
     seen_runs: dict[str, str] = {}
     for uri in uris:
         unit = uri.rsplit("/", 1)[-1][: -len(".parquet")]
@@ -478,17 +476,17 @@ def select_images(output: str, options: SelectOptions, model: ModelConfig | None
     ``query_model`` skips loading CLIP (a precomputed query embedding and the identity it matches).
     """
     started = time.time()
-    manifests = read_manifests(output, storage_options)
-    if not manifests:
+    records = read_units(output, storage_options)
+    if not records:
         raise SelectionError(f"no committed units under {output}")
-    recorded = models_in(manifests)
+    recorded = models_in(records)
     # Check the embeddings exist before loading a model (which may be 1.7 GB).
     for identity in recorded:
-        plan = plan_files(output, manifests, identity, None, storage_options)
-        check_embeddings(plan.uris, manifests, storage_options)
+        plan = plan_files(output, records, identity, None, storage_options)
+        check_embeddings(plan.uris, records, storage_options)
     if query_model is None:
-        query_model = embed_query(options.query, manifests, model, weights_dirs, storage_options, device)
-    plan = plan_files(output, manifests, query_model.identity, options.min_score, storage_options)
+        query_model = embed_query(options.query, records, model, weights_dirs, storage_options, device)
+    plan = plan_files(output, records, query_model.identity, options.min_score, storage_options)
     use_ray = options.use_ray if options.use_ray is not None else plan.rows >= options.ray_min_rows
     gather = _candidates_ray if use_ray and plan.uris else _candidates_local
     pool, count_passing = gather(plan.uris, query_model.embedding, options.min_score, query_model.identity,
@@ -516,7 +514,7 @@ def select_images(output: str, options: SelectOptions, model: ModelConfig | None
         "selected": int(picks.num_rows),
         "mean_pairwise_distance": mean_pairwise_distance(embeddings),
         "mean_pairwise_distance_plain_top_k": mean_pairwise_distance(plain_embeddings),
-        "tiny_random": any(m.get("tiny_random") for m in manifests.values()),
+        "tiny_random": any(m.get("tiny_random") for m in records.values()),
         "seconds": round(time.time() - started, 3),
     }
     return Selection(picks, info)

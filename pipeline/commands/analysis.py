@@ -33,16 +33,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _model_override(args: argparse.Namespace, output: str, options: dict[str, Any]):
-    """None (take the model from the manifests) unless --model/--pretrained/--pretrained-sha256 was given."""
+    """None (take the model from the records) unless --model/--pretrained/--pretrained-sha256 was given."""
     if not (args.model or args.pretrained or args.pretrained_sha256):
         return None
     from pipeline.analysis.select import model_config_of
     from pipeline.config import TINY_MODEL, ModelConfig
     from pipeline.errors import UsageError
-    from pipeline.io.manifests import read_manifests
+    from pipeline.io.units import read_units
 
     recorded = None
-    configs = {model_config_of(m) for m in read_manifests(output, options).values()}
+    configs = {model_config_of(m) for m in read_units(output, options).values()}
     if len(configs) == 1:
         recorded = configs.pop()
     name = args.model or (recorded.name if recorded else None)
@@ -117,7 +117,7 @@ def register(commands: Any) -> None:
     select.add_argument("--out", required=True, help="folder for selection.parquet / .json (path or URI)")
     select.add_argument("--webdataset", action="store_true",
                         help="also write selection-000000.tar with the selected images and captions")
-    select.add_argument("--model", help="open_clip model (default: the one recorded in the manifests)")
+    select.add_argument("--model", help="open_clip model (default: the one recorded in the records)")
     select.add_argument("--pretrained", help="open_clip tag or a path/URI of the weights the scores were made with")
     select.add_argument("--pretrained-sha256")
     select.add_argument("--weights-dir", action="append", help="folder searched first for weight files")

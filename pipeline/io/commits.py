@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -46,9 +47,14 @@ def data_file_name(unit_id: str, version: int, band: str) -> str:
     return f"{bands.COLUMN}={band}/{unit_id}.v{version}.parquet"
 
 
+_VERSIONED_NAME = re.compile(r"^(?P<unit>.+)\.v\d+\.parquet$")
+
+
 def unit_of_path(path: str) -> str:
-    """The unit a data file belongs to, from its name."""
-    return path.rsplit("/", 1)[-1].rsplit(".v", 1)[0]
+    """The unit a data file belongs to, from its name (``<unit>.v<version>.parquet``)."""
+    name = path.rsplit("/", 1)[-1]
+    match = _VERSIONED_NAME.match(name)
+    return match.group("unit") if match else name.removesuffix(".parquet")
 
 
 class UnitCommitter:

@@ -5,8 +5,9 @@ and the unit table at ``<prefix>/_units`` (:mod:`pipeline.io.units`). A Delta ta
 its folder, says which Parquet files are committed: every engine with a Delta reader (Polars, pandas and
 pyarrow through ``deltalake``, DuckDB, Ray Data, Spark, Trino) sees the committed rows and nothing else.
 
-Delta has no half-precision float and no fixed-size list, so the optional fp16 embedding column is stored
-as ``binary``: each value is the embedding's little-endian float16 bytes (``numpy.frombuffer(v, "<f2")``).
+Delta has no half-precision float and no fixed-size list, so the optional embedding column is stored as
+``list<float>``: float32 values that are exactly the float16 embedding (zstd takes most of the difference
+back: the low mantissa bits are all zero). Every engine reads it as a float array.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pyarrow as pa
 from pipeline import schema as S
 from pipeline.io.storage import s3_options
 
-EMBEDDING_DTYPE = np.dtype("<f2")
+EMBEDDING_TYPE = pa.list_(pa.float32())
 
 
 def table_uri(uri: str) -> str:
@@ -61,39 +62,38 @@ def storage_options_for(uri: str, storage_options: Mapping[str, Any] | None = No
 def open_table(uri: str, storage_options: Mapping[str, Any] | None = None):
     """The Delta table at ``uri``, or None when there is none yet."""
     from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
 
-    location = table_uri(uri)
-    options = storage_options_for(uri, storage_options)
-    if not DeltaTable.is_deltatable(location, storage_options=options):
+    # Not DeltaTable.is_deltatable: it keeps the GIL while it waits on storage, stalling every other thread.
+    try:
+        return DeltaTable(table_uri(uri), storage_options=storage_options_for(uri, storage_options))
+    except TableNotFoundError:
         return None
-    return DeltaTable(location, storage_options=options)
+
+
+def committed_files(output: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """URIs of the data files in the output's current snapshot (none before the first commit)."""
+    table = open_table(output, storage_options)
+    return [] if table is None else sorted(table.file_uris())
 
 
 def delta_compatible(table: pa.Table) -> pa.Table:
-    """``table`` with the embedding column as float16 bytes (Delta has no float16 and no fixed-size list)."""
+    """``table`` with the embedding column as ``list<float>`` (Delta has no float16 and no fixed-size list)."""
     if S.EMBEDDING not in table.column_names:
         return table
+    index = table.column_names.index(S.EMBEDDING)
     column = table[S.EMBEDDING]
-    if pa.types.is_binary(column.type):
+    if not pa.types.is_fixed_size_list(column.type):
         return table
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    width = array.type.list_size
-    values = array.flatten().to_numpy(zero_copy_only=False).astype(EMBEDDING_DTYPE).reshape(-1, width)
-    data = pa.array([row.tobytes() for row in values], type=pa.binary())
-    if array.null_count:
-        data = pa.array([None if missing else value for missing, value in
-                         zip(array.is_null().to_pylist(), data.to_pylist())], type=pa.binary())
-    return table.set_column(table.column_names.index(S.EMBEDDING), S.EMBEDDING, data)
+    return table.set_column(index, pa.field(S.EMBEDDING, EMBEDDING_TYPE), column.cast(EMBEDDING_TYPE))
 
 
 def embeddings_of(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """(N, D) float32 from an embedding column, stored (float16 bytes) or as written (fixed-size list)."""
+    """(N, D) float32 from an embedding column, as stored (``list<float>``) or as staged (fixed-size float16)."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
-        if len(array) == 0:
-            return np.zeros((0, 0), dtype=np.float32)
-        return np.stack([np.frombuffer(v, dtype=EMBEDDING_DTYPE) for v in array.to_pylist()]).astype(np.float32)
-    width = array.type.list_size
+    if len(array) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    width = array.type.list_size if pa.types.is_fixed_size_list(array.type) else len(array[0])
     return array.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
 
 

@@ -1,35 +1,27 @@
 """Where everything lives under the output prefix.
 
-    <output>/score_band=<band>/<unit>.parquet   committed data (Hive partition by score band)
-    <output>/_manifests/<unit>.json             one per committed unit, written last: the commit marker
+    <output>/_delta_log/                        the data table's log: the only list of committed files
+    <output>/score_band=<band>/<unit>.v<N>.parquet   data files, version N of a unit (Hive partition by band)
+    <output>/_units/                            the unit table (Delta): one row per unit commit
     <output>/_staging/<run>/<unit>/<part>.parquet   rows before their unit commits
     <output>/_runs/<run>.json                   one summary per run
     <output>/_lock.json                         the lease a running job holds on the prefix
     <output>/_cutoffs.json, _cutoffs.md         the cutoff table over all committed units
 
-Only table data lies outside names that start with "_", which pyarrow, pandas, Polars, DuckDB's hive
-reader and Spark skip: reading the prefix as a Parquet dataset reads the scores and nothing else.
+Read the data through its Delta log (pipeline.io.delta; any engine's Delta reader). A reader that globs
+the Parquet files instead also sees files no snapshot lists: a unit's replaced versions (until vacuum) and
+a stopped run's uncommitted ones. Everything else starts with "_", which Parquet readers skip.
 """
 
 from __future__ import annotations
 
-from pipeline import schema as S
 from pipeline.io.storage import join
 
-MANIFESTS = "_manifests"
 STAGING = "_staging"
 RUNS = "_runs"
 LOCK = "_lock.json"
 CUTOFFS_JSON = "_cutoffs.json"
 CUTOFFS_MD = "_cutoffs.md"
-
-
-def data_file(output: str, band: str, unit_id: str) -> str:
-    return join(output, f"{S.SCORE_BAND}={band}", f"{unit_id}.parquet")
-
-
-def manifest_file(output: str, unit_id: str) -> str:
-    return join(output, MANIFESTS, f"{unit_id}.json")
 
 
 def staging_dir(output: str, run_id: str, unit_id: str) -> str:

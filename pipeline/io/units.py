@@ -18,10 +18,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.errors import InputError
 from pipeline.io.delta import open_table, storage_options_for, table_uri
-from pipeline.io.storage import join
+from pipeline.io.storage import filesystem, join
 
 FOLDER = "_units"
+EARLIER_MANIFESTS = "_manifests"  # the layout before the Delta tables: one JSON manifest per unit
+
+
+class EarlierLayout(InputError):
+    """An output written before its units lived in Delta tables."""
+
+
+def refuse_earlier_layout(output: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Raise :class:`EarlierLayout` for an output in the manifest layout, which no reader here understands."""
+    fs, root = filesystem(output, storage_options)
+    if fs.exists(join(root, EARLIER_MANIFESTS)) and not fs.exists(join(root, "_delta_log")):
+        raise EarlierLayout(f"{output} holds scores in the earlier layout (one JSON manifest per unit under "
+                            f"{EARLIER_MANIFESTS}/), not Delta tables; convert it once with `aesthetics migrate "
+                            f"{output}`")
 
 SCHEMA = pa.schema([
     pa.field("unit", pa.string(), nullable=False),
@@ -82,6 +97,7 @@ def append(output: str, rows: Iterable[Mapping[str, Any]], storage_options: Mapp
 def read_table(output: str, storage_options: Mapping[str, Any] | None = None,
                columns: list[str] | None = None) -> pa.Table:
     """Every unit's current row (the highest ``unit_version``), as an Arrow table."""
+    refuse_earlier_layout(output, storage_options)
     table = open_table(units_uri(output), storage_options)
     if table is None:
         return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
@@ -98,8 +114,8 @@ def read_table(output: str, storage_options: Mapping[str, Any] | None = None,
     return current if columns is None else current.select(columns)
 
 
-def read_records(output: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Every unit's current record, by unit id."""
+def read_units(output: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Every committed unit's current record, by unit id."""
     table = read_table(output, storage_options, columns=["unit", "record"])
     return {unit: json.loads(text) for unit, text in zip(table["unit"].to_pylist(), table["record"].to_pylist())}
 
@@ -118,3 +134,10 @@ def last_data_version(output: str, storage_options: Mapping[str, Any] | None = N
         return -1
     column = table.to_pyarrow_table(columns=["data_version"])["data_version"]
     return int(pc.max(column).as_py()) if len(column) else -1
+
+
+def compact(output: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Rewrite the unit table's small files (a run appends one per unit) into few, so readers open few."""
+    table = open_table(units_uri(output), storage_options)
+    if table is not None:
+        table.optimize.compact()

@@ -1,9 +1,9 @@
 """Write scored rows: staging parts as batches arrive, then one atomic commit per unit.
 
-Commit order: drop the old manifest (the unit is now uncommitted), write one file per score band
-under a name fixed by the unit id (a rerun overwrites, never adds), delete band files the unit no
-longer has, write the manifest last. Rows are deduplicated on (shard, key) at commit, so a batch
-that Ray retried after a worker died cannot count twice.
+A unit's commit writes one file per score band, rows sorted by score, named by unit and version (a retry
+writes the same names), and hands them to :class:`pipeline.io.commits.UnitCommitter`, whose one Delta
+transaction makes them the unit's rows. Rows are deduplicated on (shard, key) first, so a batch that Ray
+retried after a worker died cannot count twice.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 from pipeline import bands
 from pipeline import schema as S
 from pipeline.io import layout
-from pipeline.io.manifests import MANIFEST_FORMAT
-from pipeline.io.storage import filesystem, join, write_json_atomic
+from pipeline.io.commits import DataFile, UnitCommitter, data_file_name
+from pipeline.io.delta import delta_compatible
+from pipeline.io.storage import filesystem, join
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +132,11 @@ def score_summary(scores: np.ndarray) -> dict[str, Any]:
     }
 
 
-def commit_unit(output: str, run_id: str, unit_id: str, shard_versions: list[dict[str, Any]],
-                identity: Mapping[str, Any], timings: Mapping[str, float],
-                storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Turn a unit's staging parts into committed files and a manifest. Returns the manifest."""
+def commit_unit(committer: UnitCommitter, run_id: str, unit_id: str, shard_versions: list[dict[str, Any]],
+                identity: Mapping[str, Any], timings: Mapping[str, float]) -> dict[str, Any]:
+    """Turn a unit's staging parts into committed files and its unit record. Returns the record."""
     started = time.time()
-    fs, root = filesystem(output, storage_options)
+    fs, root = filesystem(committer.output, committer.storage_options)
     staging = layout.staging_dir(root, run_id, unit_id)
     parts = sorted(p for p in fs.find(staging) if p.endswith(".parquet")) if fs.exists(staging) else []
     if not parts:
@@ -159,40 +159,38 @@ def commit_unit(output: str, run_id: str, unit_id: str, shard_versions: list[dic
     storage_errors = pc.sum(pc.equal(table[S.STATUS], S.Status.STORAGE_ERROR.value)).as_py() or 0
     if storage_errors:
         raise CommitError(f"unit {unit_id}: {storage_errors} shard(s) unreadable from storage; left for the next run")
-    table = table.drop_columns([S.SHARD_ROWS])
+    table = delta_compatible(table.drop_columns([S.SHARD_ROWS]))
 
     scores = table[S.AESTHETIC_SCORE].to_numpy(zero_copy_only=False).astype(np.float64)
     order = np.argsort(np.where(np.isfinite(scores), -scores, np.inf), kind="stable")
     table, scores = table.take(pa.array(order)), scores[order]
     labels = bands.bands_of(scores)
 
-    manifest_path = layout.manifest_file(root, unit_id)
-    if fs.exists(manifest_path):
-        fs.rm(manifest_path)  # uncommitted from here until the new manifest lands
+    version = committer.next_version(unit_id)
     files = []
     for band in bands.ALL:
-        path = layout.data_file(root, band, unit_id)
         rows = np.flatnonzero(labels == band)
         if rows.size == 0:
-            if fs.exists(path):
-                fs.rm(path)
             continue
+        name = data_file_name(unit_id, version, band)
+        path = join(root, name)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         part = table.take(pa.array(rows))
         pq.write_table(part, path, filesystem=fs, row_group_size=8192, compression="zstd")
-        files.append({"path": path[len(root):].lstrip("/"), "band": band, "rows": int(rows.size)})
+        # Row count only: delta-rs turns a file's min/max for some columns into null bounds for the others, which
+        # prune the file from any filter on those. Scores still prune by band, and by row group inside a file.
+        files.append(DataFile(name, band, int(rows.size), int(fs.size(path)), {"numRecords": int(rows.size)}))
 
     statuses = table[S.STATUS].to_pylist()
     shards = []
-    for version in shard_versions:
-        mask = pc.equal(table[S.SHARD], version["name"])
+    for version_info in shard_versions:
+        mask = pc.equal(table[S.SHARD], version_info["name"])
         shard_statuses = Counter(pc.filter(table[S.STATUS], mask).to_pylist())
         failed = pc.and_(mask, pc.is_in(table[S.STATUS], pa.array([S.Status.SHARD_ERROR.value])))
         errors = sorted({e for e in pc.filter(table[S.ERROR], failed).to_pylist() if e})[:5]
-        shards.append({**version, "rows": rows_by_shard[version["name"]], "counts_by_status": dict(shard_statuses),
-                       **({"shard_errors": errors} if errors else {})})
-    manifest = {
-        "format": MANIFEST_FORMAT,
+        shards.append({**version_info, "rows": rows_by_shard[version_info["name"]],
+                       "counts_by_status": dict(shard_statuses), **({"shard_errors": errors} if errors else {})})
+    record = {
         "unit": unit_id,
         "run_id": run_id,
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -201,12 +199,12 @@ def commit_unit(output: str, run_id: str, unit_id: str, shard_versions: list[dic
         "counts_by_status": dict(Counter(statuses)),
         "duplicate_rows_dropped": int(duplicates),
         "score": score_summary(scores),
-        "files": files,
+        "files": [{"path": f.path, "band": f.band, "rows": f.rows} for f in files],
         "model": sorted({m for m in table[S.MODEL].to_pylist() if m}),
         "head": sorted({h for h in table[S.HEAD].to_pylist() if h}),
-        "timings": {**timings, "commit_s": round(time.time() - started, 3)},
         **identity,
     }
-    write_json_atomic(fs, manifest_path, manifest)
+    record["timings"] = {**timings, "commit_s": round(time.time() - started, 3)}
+    committer.commit(unit_id, version, files, table.schema, record)
     fs.rm(staging, recursive=True)
-    return manifest
+    return record

@@ -49,8 +49,8 @@ import pyarrow.parquet as pq
 from pipeline import schema
 from pipeline.config import ConfigError
 from pipeline.training.labels import AVA_VOTE_BINS, LabelTable
-from pipeline.training.scored import (JOIN_KEY, ScoredDataError, data_files, embedding_matrix, join_columns,
-                                      join_keys)
+from pipeline.training.scored import (JOIN_KEY, ScoredDataError, data_files, embedding_matrix, embedding_width,
+                                      is_embedding_type, join_columns, join_keys)
 from pipeline.training.splits import SPLIT_NAMES, TEST, TRAIN, VALIDATION, split_assignments
 
 if TYPE_CHECKING:
@@ -171,10 +171,12 @@ def labelled_rows(scores: str, labels: LabelTable, config: TrainConfig, join_on:
                                   f"(e.g. {lacking[0]})" + ("; score with --write-embeddings to keep embeddings"
                                                             if name == EMBEDDING else ""))
     types = {file_schema.field(EMBEDDING).type for file_schema in schemas}
-    if len(types) != 1 or not pa.types.is_fixed_size_list(next(iter(types))):
+    if len(types) != 1 or not is_embedding_type(next(iter(types))):
         raise ScoredDataError(f"{scores}: embedding columns of type(s) {sorted(map(str, types))}, expected one "
-                              "fixed_size_list<float16>[D]")
-    dim = next(iter(types)).list_size
+                              "list of floats")
+    kind = next(iter(types))
+    # A stored list<float> does not carry its width in its type: the first row tells.
+    dim = kind.list_size if pa.types.is_fixed_size_list(kind) else embedding_width(fs, files)
     columns = [EMBEDDING, *join_columns(join_on)]
     if all(schema.STATUS in file_schema.names for file_schema in schemas):
         columns.append(schema.STATUS)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.config import ConfigError
-from pipeline.io.manifests import committed_files
+from pipeline.io.delta import committed_files, embeddings_of
 from pipeline.io.storage import filesystem
 from pipeline.training.labels import LabelTable
 
@@ -83,14 +83,26 @@ def read_scored(source: str, columns: Sequence[str], storage_options: Mapping[st
 
 
 def embedding_matrix(table: pa.Table) -> np.ndarray:
-    """The ``embedding`` column (fixed_size_list<float16>[D]) as an (N, D) float32 array."""
+    """The ``embedding`` column (as stored, ``list<float>``, or staged, fixed-size float16) as (N, D) float32."""
     column = table[schema.EMBEDDING].combine_chunks()
     if column.null_count:
         raise ScoredDataError(f"{column.null_count} rows have no embedding")
-    if not pa.types.is_fixed_size_list(column.type):
-        raise ScoredDataError(f"embedding column has type {column.type}, expected fixed_size_list<float16>[D]")
-    dim = column.type.list_size
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    if not is_embedding_type(column.type):
+        raise ScoredDataError(f"embedding column has type {column.type}, expected a list of floats")
+    return embeddings_of(column)
+
+
+def embedding_width(fs: Any, files: Sequence[str]) -> int:
+    """The embedding width, from the first row of the first file that has one."""
+    for path in files:
+        column = pq.read_table(path, filesystem=fs, columns=[schema.EMBEDDING])[schema.EMBEDDING]
+        if len(column):
+            return embeddings_of(column.slice(0, 1)).shape[1]
+    raise ScoredDataError("no row has an embedding")
+
+
+def is_embedding_type(kind: pa.DataType) -> bool:
+    return (pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind)) and pa.types.is_floating(kind.value_type)
 
 
 def url_stem(url: str | None) -> str | None:

@@ -25,7 +25,7 @@ from pipeline.analysis.select import (
 )
 from pipeline.config import DecodeConfig, HeadSpec, ModelConfig, ResourcesConfig, ScoreConfig, WeightsSpec
 from pipeline.demo import v2_head_or_stand_in
-from pipeline.io.manifests import read_manifests
+from pipeline.io.units import read_units
 from tests.tolerances import assert_within, dot_error_bound
 
 pytestmark = pytest.mark.integration
@@ -77,7 +77,7 @@ def table(scored) -> pa.Table:
 @pytest.fixture(scope="module")
 def query_model(scored):
     """The query embedded once (loading CLIP costs seconds); reused by the selection tests."""
-    return embed_query(QUERY, read_manifests(scored))
+    return embed_query(QUERY, read_units(scored))
 
 
 def _ok(table: pa.Table) -> pa.Table:
@@ -90,7 +90,7 @@ def _ok(table: pa.Table) -> pa.Table:
 def test_open_scores_reads_committed_units_only(scored, sample_dataset, tmp_path):
     copy = tmp_path / "scores"
     shutil.copytree(scored, copy)
-    manifests = read_manifests(str(copy))
+    manifests = read_units(str(copy))
     committed_rows = sum(m["rows"] for m in manifests.values())
     # A unit that never committed (no manifest) and a stray copy inside a committed band folder.
     first = next(iter(manifests.values()))["files"][0]["path"]
@@ -144,7 +144,7 @@ def test_reading_from_object_storage(scored, s3_server, tmp_path):
     s3_server.client().create_bucket(Bucket="analysis-read")
     uri = "s3://analysis-read/scores"
     upload_directory(scored, uri, s3_server.storage_options)
-    committed = sum(m["rows"] for m in read_manifests(scored).values())
+    committed = sum(m["rows"] for m in read_units(scored).values())
     dataset = open_scores(uri, s3_server.storage_options)
     assert dataset.count_rows() == committed
     con = __import__("duckdb").connect()

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import schema as S
 from pipeline.config import DecodeConfig
-from pipeline.io.manifests import committed_files
+from pipeline.io.delta import committed_files
 from pipeline.runner import run_score
 from tests.hostile_images import encode, photo
 from tests.tarfiles import make_sidecar, make_tar, sidecar_row

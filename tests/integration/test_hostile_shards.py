@@ -10,7 +10,8 @@ import pyarrow.dataset as pads
 import pytest
 
 from pipeline import schema as S
-from pipeline.io.manifests import committed_files, read_manifests
+from pipeline.io.delta import committed_files
+from pipeline.io.units import read_units
 from pipeline.io.tar_reader import IMAGE_EXTENSIONS, MAX_TEXT_BYTES
 from pipeline.runner import run_score
 from tests.hostile_images import hostile_corpus, photo, encode
@@ -77,7 +78,7 @@ def hostile_run(tmp_path_factory, scoring, ray_local):
 def test_the_job_finishes_and_commits_every_shard(hostile_run):
     summary = hostile_run["summary"]
     assert summary.ok, summary.units_failed
-    assert len(read_manifests(hostile_run["output"])) == 6
+    assert len(read_units(hostile_run["output"])) == 6
 
 
 def test_every_hostile_image_gets_the_status_the_corpus_names(hostile_run):
@@ -110,7 +111,7 @@ def test_unreadable_shards_are_named_never_dropped(hostile_run):
     truncated = {k: r[S.STATUS] for (shard, k), r in rows.items() if shard == "00001.tar"}
     assert set(truncated) == {"t1", "t2", "t3"}  # no extra row: t3 itself says the tar is cut short
     assert truncated["t1"] == "ok" and truncated["t3"] == S.Status.SHARD_ERROR.value
-    (entry,) = [s for m in read_manifests(hostile_run["output"]).values() for s in m["shards"]
+    (entry,) = [s for m in read_units(hostile_run["output"]).values() for s in m["shards"]
                 if s["name"].endswith("00001.tar")]
     assert entry["shard_errors"] and entry["counts_by_status"]["shard_error"] >= 1
     for shard in ("00002.tar", "00003.tar"):

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from pipeline import schema as S
-from pipeline.io.manifests import committed_files, read_manifests
+from pipeline.io.delta import committed_files
+from pipeline.io.units import read_units
 from pipeline.runner import run_score
 from pipeline.status import unit_status
 
@@ -57,14 +58,16 @@ def test_a_driver_killed_mid_run_resumes_and_every_key_lands_once(nine_shards, s
     log = open(tmp_path / "first.log", "wb")
     driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
-    manifests = Path(output) / "_manifests"
+    log_folder = Path(output) / "_delta_log"  # one commit (file) per unit
+
+    def commits() -> int:
+        return len(list(log_folder.glob("*.json"))) if log_folder.exists() else 0
+
     deadline = time.time() + 300
     try:
-        while time.time() < deadline and driver.poll() is None:
-            if manifests.exists() and any(manifests.glob("*.json")):
-                break
+        while time.time() < deadline and driver.poll() is None and not commits():
             time.sleep(0.1)
-        committed_at_kill = len(list(manifests.glob("*.json"))) if manifests.exists() else 0
+        committed_at_kill = commits()
         assert driver.poll() is None, "the run ended before it could be killed: " + (tmp_path / "first.log").read_text()[-2000:]
         os.kill(driver.pid, signal.SIGKILL)  # the driver only; its Ray is left to notice on its own
         driver.wait(timeout=30)
@@ -102,7 +105,7 @@ def test_nightly_scores_only_the_shards_that_arrived_since(nine_shards, scoring,
     config = scoring.config(str(shards), output)
     first = run_score(config)
     assert len(first.units_committed) == 3
-    before = read_manifests(output)
+    before = read_units(output)
 
     for stem in ("00003", "00004"):
         for suffix in (".tar", ".parquet"):
@@ -110,7 +113,7 @@ def test_nightly_scores_only_the_shards_that_arrived_since(nine_shards, scoring,
     assert set(unit_status(output).pending.values()) == {"new"}
     second = run_score(config)
     assert set(second.pending_reasons.values()) == {"new"} and len(second.units_committed) == 2
-    after = read_manifests(output)
+    after = read_units(output)
     assert all(after[unit]["run_id"] == before[unit]["run_id"] for unit in before)  # untouched
     assert len(_keys(output)) == sum(m["rows"] for m in after.values())
 

@@ -14,7 +14,8 @@ from pipeline import bands
 from pipeline import schema as S
 from pipeline.cutoffs import LAION_PUBLISHED_COUNTS
 from pipeline.io import layout
-from pipeline.io.manifests import committed_files, read_manifests
+from pipeline.io.delta import committed_files
+from pipeline.io.units import read_units
 from pipeline.io.storage import filesystem, read_json
 from pipeline.runner import run_score
 from tests.integration.conftest import rewrite_tar
@@ -42,7 +43,7 @@ def scored(sample_dataset, s3_server, ray_local, scoring, tmp_path_factory):
     table = pads.dataset(committed_files(output), filesystem=s3_server.filesystem(), format="parquet",
                          partitioning="hive").to_table()
     return {"summary": summary, "table": table, "output": output, "corrupt_key": corrupt_member.split(".")[0],
-            "manifests": read_manifests(output)}
+            "manifests": read_units(output)}
 
 
 def test_every_key_from_the_tars_and_sidecars_appears_exactly_once(scored, sample_dataset):

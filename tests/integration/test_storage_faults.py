@@ -12,7 +12,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from pipeline import schema as S
-from pipeline.io.manifests import committed_files
+from pipeline.io.delta import committed_files
 from pipeline.runner import run_score
 from pipeline.status import unit_status
 from tests.faulty_s3 import DROP_CONNECTION, INTERNAL_ERROR, SLOW_DOWN, FaultyS3Proxy
@@ -43,7 +43,7 @@ def test_transient_faults_are_retried_and_every_key_lands_once(
         proxy.fail("GET", r"/00001\.tar$", INTERNAL_ERROR, times=2)
         proxy.fail("GET", r"/00002\.parquet$", DROP_CONNECTION, times=1)
         proxy.fail("PUT", r"/_staging/", SLOW_DOWN, times=2)
-        proxy.fail("PUT", r"/_manifests/", INTERNAL_ERROR, times=1)
+        proxy.fail("PUT", r"/_units/", INTERNAL_ERROR, times=1)
         storage = {"endpoint_url": proxy.endpoint}
         summary = run_score(scoring.config(shards_on_s3, output, storage_options=storage))
 
@@ -81,4 +81,4 @@ def test_a_shard_that_stays_unreadable_fails_only_its_unit_and_the_next_run_redo
     keys = _committed_keys(output, s3_server)
     assert set(keys.values()) == {1}
     assert len(keys) == len(sample_dataset.all_keys)
-    assert not unit_status(output, storage_options=storage).failed
+    assert not unit_status(output).failed  # the proxy is gone: straight to the server

@@ -66,7 +66,7 @@ def test_a_committed_unit_is_what_every_engine_reads(tmp_path):
     dataset = open_table(str(tmp_path)).to_pyarrow_dataset()  # noqa: F841 - DuckDB reads it by name
     assert sorted(k for (k,) in duckdb.sql("SELECT key FROM dataset").fetchall()) == expected
     assert sorted(pl.read_delta(str(tmp_path)).filter(pl.col(bands.COLUMN) == "ge6.5")["key"]) == ["u1-6.7"]
-    assert units.read_records(str(tmp_path))["u1"]["rows"] == 3
+    assert units.read_units(str(tmp_path))["u1"]["rows"] == 3
 
 
 def test_a_new_version_replaces_the_units_rows_and_leaves_the_others(tmp_path):
@@ -102,10 +102,10 @@ def test_a_crash_between_the_data_and_the_unit_commit_is_rolled_forward(tmp_path
     with pytest.raises(SystemExit):
         _commit(committer, tmp_path, "u2", [6.6])
     monkeypatch.undo()
-    assert _keys(tmp_path) == ["u1-5.5", "u2-6.6"] and set(units.read_records(str(tmp_path))) == {"u1"}
+    assert _keys(tmp_path) == ["u1-5.5", "u2-6.6"] and set(units.read_units(str(tmp_path))) == {"u1"}
 
     UnitCommitter(str(tmp_path))  # the next run's committer
-    records = units.read_records(str(tmp_path))
+    records = units.read_units(str(tmp_path))
     assert set(records) == {"u1", "u2"} and records["u2"]["rows"] == 1
     assert units.versions(str(tmp_path))["u2"] == (1, 1)  # unit version 1, in data version 1
 
@@ -146,4 +146,4 @@ def test_commits_on_an_s3_compatible_store(s3_server, s3_bucket):
 
     read = pl.read_delta(output, storage_options=storage_options_for(output, s3_server.storage_options))
     assert sorted(read["key"].to_list()) == ["a", "b"]
-    assert units.read_records(output, s3_server.storage_options)["u1"]["rows"] == 2
+    assert units.read_units(output, s3_server.storage_options)["u1"]["rows"] == 2

@@ -1,13 +1,14 @@
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline import schema as S
 from pipeline.cutoffs import build_tables
 from pipeline.io import layout
-from pipeline.io.manifests import committed_files, read_manifests
+from pipeline.io.commits import UnitCommitter
+from pipeline.io.delta import committed_files, open_table
+from pipeline.io.units import read_units
 from pipeline.io.writer import CommitError, WriteStaging, commit_unit, score_summary
 
 IDENTITY = {"model_key": "tiny-random/seed=0|v2@abc", "tiny_random": True}
@@ -28,21 +29,30 @@ def _batch(keys, scores, shard="s0.tar", unit="u1", shard_rows=None, statuses=No
     }
 
 
-def test_staging_then_commit_writes_one_file_per_band_and_a_manifest_last(tmp_path):
+def _commit(out, run_id, shards):
+    return commit_unit(UnitCommitter(out), run_id, "u1", shards, IDENTITY, {})
+
+
+def _committed(out):
+    return open_table(out).to_pyarrow_table()
+
+
+def test_staging_then_commit_writes_one_file_per_band_in_one_table_version(tmp_path):
     out = str(tmp_path / "out")
     stage = WriteStaging(out, "run1")
     stats = stage(_batch(["a", "b"], [4.0, 6.7], shard_rows=4))
     assert stats["rows"].tolist() == [2]
     stage(_batch(["c", "d"], [5.5, np.nan], shard_rows=4, statuses=["ok", "decode_error"]))
-    manifest = commit_unit(out, "run1", "u1", [{"name": "s0.tar", "size": 1, "etag": "e"}], IDENTITY, {})
+    manifest = _commit(out, "run1", [{"name": "s0.tar", "size": 1, "etag": "e"}])
     bands = {f["band"]: f["rows"] for f in manifest["files"]}
     assert bands == {"lt4.5": 1, "5-6": 1, "ge6.5": 1, "unscored": 1}
     assert manifest["counts_by_status"] == {"ok": 3, "decode_error": 1}
     assert manifest["score"]["counts_ge"]["5.0"] == 2
-    assert read_manifests(out)["u1"]["rows"] == 4
-    table = pq.read_table(committed_files(out))
+    assert read_units(out)["u1"]["rows"] == 4
+    assert open_table(out).version() == 0 and len(committed_files(out)) == 4
+    table = _committed(out)
     assert sorted(table[S.KEY].to_pylist()) == ["a", "b", "c", "d"]
-    assert table.schema.field(S.EMBEDDING).type.list_size == 4
+    assert table[S.EMBEDDING].to_pylist()[0] == [1.0] * 4  # float16 values, stored as a float list
     assert S.SHARD_ROWS not in table.column_names
     assert not (tmp_path / "out" / layout.STAGING / "run1" / "u1").exists()
 
@@ -52,7 +62,7 @@ def test_a_retried_batch_is_counted_once(tmp_path):
     stage = WriteStaging(out, "r")
     stage(_batch(["a", "b"], [5.0, 5.1]))
     stage(_batch(["a", "b"], [5.0, 5.1]))
-    manifest = commit_unit(out, "r", "u1", [{"name": "s0.tar"}], IDENTITY, {})
+    manifest = _commit(out, "r", [{"name": "s0.tar"}])
     assert manifest["rows"] == 2 and manifest["duplicate_rows_dropped"] == 2
 
 
@@ -60,26 +70,26 @@ def test_a_unit_whose_rows_do_not_add_up_is_not_committed(tmp_path):
     out = str(tmp_path / "out")
     WriteStaging(out, "r")(_batch(["a"], [5.0], shard_rows=3))
     with pytest.raises(CommitError, match="does not balance"):
-        commit_unit(out, "r", "u1", [{"name": "s0.tar"}], IDENTITY, {})
-    assert read_manifests(out) == {}
+        _commit(out, "r", [{"name": "s0.tar"}])
+    assert read_units(out) == {}
 
 
 def test_a_rerun_replaces_the_units_files_instead_of_adding(tmp_path):
     out = str(tmp_path / "out")
     WriteStaging(out, "r1")(_batch(["a", "b"], [6.8, 3.0]))
-    commit_unit(out, "r1", "u1", [{"name": "s0.tar"}], IDENTITY, {})
+    _commit(out, "r1", [{"name": "s0.tar"}])
     WriteStaging(out, "r2")(_batch(["a", "b"], [5.2, 3.0]))
-    manifest = commit_unit(out, "r2", "u1", [{"name": "s0.tar"}], IDENTITY, {})
-    assert not (tmp_path / "out" / "score_band=ge6.5" / "u1.parquet").exists()
-    assert pq.read_table(committed_files(out)).num_rows == 2
-    assert manifest["run_id"] == "r2"
+    manifest = _commit(out, "r2", [{"name": "s0.tar"}])
+    assert not any("score_band=ge6.5" in uri for uri in committed_files(out))
+    assert _committed(out).num_rows == 2
+    assert manifest["run_id"] == "r2" and read_units(out)["u1"]["run_id"] == "r2"
 
 
 def test_storage_errors_keep_the_unit_pending(tmp_path):
     out = str(tmp_path / "out")
     WriteStaging(out, "r")(_batch([""], [np.nan], statuses=[S.Status.STORAGE_ERROR.value]))
     with pytest.raises(CommitError, match="storage"):
-        commit_unit(out, "r", "u1", [{"name": "s0.tar"}], IDENTITY, {})
+        _commit(out, "r", [{"name": "s0.tar"}])
 
 
 def test_score_summary_histogram_and_threshold_counts_agree():
