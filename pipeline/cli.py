@@ -197,6 +197,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_vacuum(args: argparse.Namespace) -> int:
+    from pipeline.housekeeping import vacuum
+
+    result = vacuum(args.output, args.retention_hours, args.dry_run, dict(args.storage_option or []))
+    verb = "would delete" if result.dry_run else "deleted"
+    print(f"{verb} {len(result.data_files)} data files and {len(result.unit_files)} unit-table files no table "
+          f"version of the last {args.retention_hours} h needs")
+    if result.dry_run:
+        for path in result.data_files + result.unit_files:
+            print(f"  {path}")
+    return ExitCode.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aesthetics", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the job does")
@@ -227,6 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("output")
     add_storage_options(migrate)
     migrate.set_defaults(run=cmd_migrate)
+
+    from pipeline.housekeeping import DEFAULT_RETENTION_HOURS
+
+    vacuum = commands.add_parser("vacuum", help="delete files no table version within the retention needs "
+                                                "(replaced unit versions, stopped runs' files)")
+    vacuum.add_argument("output")
+    vacuum.add_argument("--retention-hours", type=int, default=DEFAULT_RETENTION_HOURS,
+                        help=f"keep what versions of the last H hours read (default {DEFAULT_RETENTION_HOURS})")
+    vacuum.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    add_storage_options(vacuum)
+    vacuum.set_defaults(run=cmd_vacuum)
 
     import importlib
 

@@ -22,7 +22,7 @@ def _shard(number: int, size: int = 100) -> Shard:
     return Shard(name=name, tar=name, sidecar=None, size=size, etag="t")
 
 
-def _manifest(shard: Shard, key: str) -> dict:
+def _record(shard: Shard, key: str) -> dict:
     return {"shards": [shard.version()], "model_key": key, "shards_per_unit": 1}
 
 
@@ -41,12 +41,12 @@ def test_units_are_new_changed_done_or_stale():
                                                 pretrained_sha256="b" * 64, precision="bf16", device="cuda")))
     plan_units = plan_run(config, shards, {})
     ids = [unit.unit_id for unit in plan_units.units]
-    manifests = {ids[1]: _manifest(_shard(1, size=99), key), ids[2]: _manifest(shards[2], key),
-                 ids[3]: _manifest(shards[3], other)}
+    records = {ids[1]: _record(_shard(1, size=99), key), ids[2]: _record(shards[2], key),
+                 ids[3]: _record(shards[3], other)}
 
-    plan = plan_run(config, shards, manifests)
+    plan = plan_run(config, shards, records)
     assert plan.reasons == {ids[0]: "new", ids[1]: "shards added or changed"}
     assert plan.done == [ids[2]] and plan.stale == [ids[3]]
 
-    rescoring = plan_run(config.replace(rescore=True), shards, manifests)
+    rescoring = plan_run(config.replace(rescore=True), shards, records)
     assert rescoring.reasons[ids[3]].startswith(STALE) and rescoring.stale == []

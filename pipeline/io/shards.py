@@ -46,7 +46,7 @@ class Shard:
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """A few shards scored and committed together: one Parquet file per score band, one manifest."""
+    """A few shards scored and committed together: one Parquet file per score band, one unit record."""
 
     unit_id: str
     shards: tuple[Shard, ...]
@@ -55,7 +55,7 @@ class WorkUnit:
         return [s.version() for s in self.shards]
 
     def matches(self, committed_shards: Iterable[Mapping[str, Any]]) -> bool:
-        """Whether a manifest's shard list is exactly this unit's shards, at these versions."""
+        """Whether a unit record's shard list is exactly this unit's shards, at these versions."""
         def identity(v: Mapping[str, Any]) -> tuple:
             return v["name"], v.get("size"), v.get("etag")
         return sorted(map(identity, self.versions())) == sorted(map(identity, committed_shards))

@@ -114,7 +114,7 @@ def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def head_identity(name: str, sha256: str) -> str:
-    """``name@<sha256[:12]>``: what output rows and manifests record for a head."""
+    """``name@<sha256[:12]>``: what output rows and unit records say for a head."""
     return f"{name}@{sha256[:12]}"
 
 

@@ -123,7 +123,7 @@ class PromptSets:
 
     @property
     def identity(self) -> str:
-        """``prompts:<file name>@<sha256[:12]>``: what manifests can record beside model and head."""
+        """``prompts:<file name>@<sha256[:12]>``: what unit records can say beside model and head."""
         return f"prompts:{pathlib.PurePosixPath(self.source).name}@{self.digest[:12]}"
 
     @property

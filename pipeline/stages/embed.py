@@ -77,7 +77,7 @@ class EmbedScore:
             raise ValueError(f"loader returned heads {self.head_bank.names}, expected {expected_names}")
         self.head_bank.check_embedding_dim(self.clip.embed_dim, self.clip.identity)
         recorded = resolve_precision(model.precision, self.clip.device)
-        if self.clip.precision != recorded:  # the manifests record the config's precision: it must be what runs
+        if self.clip.precision != recorded:  # the unit records say the config's precision: it must be what runs
             raise ValueError(f"the model runs in {self.clip.precision}, but the run records {recorded}")
         if self.head_bank.device != self.clip.device:
             self.head_bank = self.head_bank.to(self.clip.device)

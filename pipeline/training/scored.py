@@ -1,6 +1,6 @@
 """Read what a scoring job wrote, and line it up with labels.
 
-``source`` is an output prefix of the scoring job (only committed units are read: the manifests list their
+``source`` is an output prefix of the scoring job (only committed units are read: the Delta table lists their
 files), or any Parquet file or folder with the same columns (a folder is read with Hive partitioning, skipping
 ``_``-prefixed names). Only the columns asked for are read; only rows with status ``ok`` are kept.
 """
@@ -37,7 +37,7 @@ class ScoredDataError(ConfigError):
 
 def data_files(source: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, list[str]]:
     """The source's filesystem and its Parquet files' paths in it: a file, the committed units' files (from the
-    manifests), or every Parquet file under a folder."""
+    Delta table), or every Parquet file under a folder."""
     fs, root = filesystem(source, storage_options)
     if fs.isfile(root):
         return fs, [root]

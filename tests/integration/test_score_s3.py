@@ -43,7 +43,7 @@ def scored(sample_dataset, s3_server, ray_local, scoring, tmp_path_factory):
     table = pads.dataset(committed_files(output), filesystem=s3_server.filesystem(), format="parquet",
                          partitioning="hive").to_table()
     return {"summary": summary, "table": table, "output": output, "corrupt_key": corrupt_member.split(".")[0],
-            "manifests": read_units(output)}
+            "records": read_units(output)}
 
 
 def test_every_key_from_the_tars_and_sidecars_appears_exactly_once(scored, sample_dataset):
@@ -80,17 +80,17 @@ def test_tar_offsets_fetch_the_image_with_one_ranged_read(scored, s3_server):
     assert data[:3] == b"\xff\xd8\xff" and len(data) == row[S.SIZE]
 
 
-def test_manifest_counts_equal_parquet_counts(scored):
+def test_unit_record_counts_equal_parquet_counts(scored):
     table = scored["table"]
-    manifests = scored["manifests"]
-    assert sum(m["rows"] for m in manifests.values()) == table.num_rows
-    from_manifests = Counter()
-    for manifest in manifests.values():
-        from_manifests.update(manifest["counts_by_status"])
-        for entry in manifest["files"]:
-            unit_rows = table.filter((pads.field(S.UNIT) == manifest["unit"]) & (pads.field(S.SCORE_BAND) == entry["band"]))
+    records = scored["records"]
+    assert sum(m["rows"] for m in records.values()) == table.num_rows
+    from_records = Counter()
+    for record in records.values():
+        from_records.update(record["counts_by_status"])
+        for entry in record["files"]:
+            unit_rows = table.filter((pads.field(S.UNIT) == record["unit"]) & (pads.field(S.SCORE_BAND) == entry["band"]))
             assert unit_rows.num_rows == entry["rows"]
-    assert from_manifests == Counter(table[S.STATUS].to_pylist())
+    assert from_records == Counter(table[S.STATUS].to_pylist())
 
 
 def test_cutoff_table_equals_counts_recomputed_from_parquet(scored, s3_server):

@@ -43,11 +43,11 @@ def test_staging_then_commit_writes_one_file_per_band_in_one_table_version(tmp_p
     stats = stage(_batch(["a", "b"], [4.0, 6.7], shard_rows=4))
     assert stats["rows"].tolist() == [2]
     stage(_batch(["c", "d"], [5.5, np.nan], shard_rows=4, statuses=["ok", "decode_error"]))
-    manifest = _commit(out, "run1", [{"name": "s0.tar", "size": 1, "etag": "e"}])
-    bands = {f["band"]: f["rows"] for f in manifest["files"]}
+    record = _commit(out, "run1", [{"name": "s0.tar", "size": 1, "etag": "e"}])
+    bands = {f["band"]: f["rows"] for f in record["files"]}
     assert bands == {"lt4.5": 1, "5-6": 1, "ge6.5": 1, "unscored": 1}
-    assert manifest["counts_by_status"] == {"ok": 3, "decode_error": 1}
-    assert manifest["score"]["counts_ge"]["5.0"] == 2
+    assert record["counts_by_status"] == {"ok": 3, "decode_error": 1}
+    assert record["score"]["counts_ge"]["5.0"] == 2
     assert read_units(out)["u1"]["rows"] == 4
     assert open_table(out).version() == 0 and len(committed_files(out)) == 4
     table = _committed(out)
@@ -62,8 +62,8 @@ def test_a_retried_batch_is_counted_once(tmp_path):
     stage = WriteStaging(out, "r")
     stage(_batch(["a", "b"], [5.0, 5.1]))
     stage(_batch(["a", "b"], [5.0, 5.1]))
-    manifest = _commit(out, "r", [{"name": "s0.tar"}])
-    assert manifest["rows"] == 2 and manifest["duplicate_rows_dropped"] == 2
+    record = _commit(out, "r", [{"name": "s0.tar"}])
+    assert record["rows"] == 2 and record["duplicate_rows_dropped"] == 2
 
 
 def test_a_unit_whose_rows_do_not_add_up_is_not_committed(tmp_path):
@@ -79,10 +79,10 @@ def test_a_rerun_replaces_the_units_files_instead_of_adding(tmp_path):
     WriteStaging(out, "r1")(_batch(["a", "b"], [6.8, 3.0]))
     _commit(out, "r1", [{"name": "s0.tar"}])
     WriteStaging(out, "r2")(_batch(["a", "b"], [5.2, 3.0]))
-    manifest = _commit(out, "r2", [{"name": "s0.tar"}])
+    record = _commit(out, "r2", [{"name": "s0.tar"}])
     assert not any("score_band=ge6.5" in uri for uri in committed_files(out))
     assert _committed(out).num_rows == 2
-    assert manifest["run_id"] == "r2" and read_units(out)["u1"]["run_id"] == "r2"
+    assert record["run_id"] == "r2" and read_units(out)["u1"]["run_id"] == "r2"
 
 
 def test_storage_errors_keep_the_unit_pending(tmp_path):
@@ -105,11 +105,11 @@ def test_score_summary_histogram_and_threshold_counts_agree():
 
 
 def test_cutoff_table_sums_manifests_beside_laion():
-    manifests = [{"model_key": "k", "rows": 10, "counts_by_status": {"ok": 8, "decode_error": 2},
+    records = [{"model_key": "k", "rows": 10, "counts_by_status": {"ok": 8, "decode_error": 2},
                   "score": score_summary(np.array([4.0, 5.0, 6.6, 4.6]))},
                  {"model_key": "k", "rows": 4, "counts_by_status": {"ok": 4},
                   "score": score_summary(np.array([6.3, 7.0]))}]
-    (table,) = build_tables(manifests)
+    (table,) = build_tables(records)
     by_threshold = {r.threshold: r for r in table.rows_by_threshold}
     assert by_threshold[6.0].count == 3 and by_threshold[6.0].fraction == pytest.approx(3 / 6)
     assert by_threshold[6.5].laion_count == 625_000
