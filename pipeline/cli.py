@@ -66,6 +66,8 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full-size decode (slower) instead of JPEG DCT downscaling")
     parser.add_argument("--rescore", action="store_true", default=None,
                         help="redo units scored with another model or head")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything and print the plan (units done, to do and why); write nothing")
     add_storage_options(parser)
 
 
@@ -135,6 +137,8 @@ def run_scoring(args: argparse.Namespace) -> int:
 
     prepared = prepare_run(config_from_args(args))
     config = prepared.config
+    if args.dry_run:
+        return print_plan(prepared)
 
     def warn_if_tiny() -> None:
         if config.model.is_tiny_random:
@@ -142,13 +146,29 @@ def run_scoring(args: argparse.Namespace) -> int:
 
     summary = run_prepared(prepared, on_start=warn_if_tiny)
     if args.command == "nightly":
-        reasons: dict[str, int] = {}
-        for why in summary.pending_reasons.values():
-            reasons[why] = reasons.get(why, 0) + 1
-        print(f"nightly: {len(summary.pending_reasons)} units to do ({reasons or 'none'})")
+        print(f"nightly: {len(summary.pending_reasons)} units to do "
+              f"({_count_reasons(summary.pending_reasons) or 'none'})")
     print_summary(summary)
     warn_if_tiny()
     return ExitCode.OK if summary.ok else ExitCode.FAILED
+
+
+def _count_reasons(reasons: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for why in reasons.values():
+        counts[why] = counts.get(why, 0) + 1
+    return counts
+
+
+def print_plan(prepared: Any) -> int:
+    """What a run would do, from the checks and the unit table alone: nothing is written, Ray is not started."""
+    from pipeline.planning import plan_run
+
+    plan = plan_run(prepared.config, prepared.shards)
+    print(f"plan: {len(plan.units)} units of {plan.shards_per_unit} shards; {len(plan.done)} done, "
+          f"{len(plan.pending)} to do ({_count_reasons(plan.reasons) or 'none'}), {len(plan.stale)} stale "
+          f"(--rescore redoes them)")
+    return ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:

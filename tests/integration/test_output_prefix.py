@@ -95,3 +95,20 @@ def test_two_runs_started_together_leave_every_key_once(sample_dataset, scoring,
     assert codes in ([ExitCode.OK, ExitCode.OK], [ExitCode.OK, ExitCode.BUSY]), outcomes
     keys = open_table(str(output)).to_pyarrow_table(columns=["key"])["key"].to_pylist()
     assert sorted(keys) == sorted(sample_dataset.all_keys)
+
+
+def test_a_dry_run_prints_the_plan_and_writes_nothing(scored, sample_dataset, scoring):
+    output = scored["output"]
+    version = open_table(str(output)).version()
+    command = [sys.executable, "-m", "pipeline.cli", "nightly", "--input", sample_dataset.shards_dir, "--output",
+               str(output), "--model", "tiny-random", "--precision", "fp16", "--device", "cpu", "--dry-run",
+               "--shards-per-unit", "1"]
+    for head in scoring.heads:
+        command += ["--head", f"{head.weights.uri},sha256={head.weights.sha256}"]
+    for directory in scoring.weights_dirs:
+        command += ["--weights-dir", directory]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    units = len(read_units(str(output)))
+    assert f"plan: {units} units of 1 shards; {units} done, 0 to do (none)" in result.stdout
+    assert open_table(str(output)).version() == version and not (output / layout.LOCK).exists()
