@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # site config here also points at a CPU-only torch that breaks torchvision, which uv ignores.
 UV     := $(PYTHON) -m uv
 
-.PHONY: install demo test test-fast bench bench-gpu clean
+.PHONY: install demo test test-fast bench bench-scale bench-gpu clean
 
 install: $(STAMP)
 
@@ -36,6 +36,9 @@ test-fast: install
 bench: install
 	$(BIN)/python -m bench.bench_decode
 	$(BIN)/python -m bench.run_cpu
+
+bench-scale: install
+	$(BIN)/python -m bench.bench_scale
 
 bench-gpu: install
 	$(BIN)/python -m bench.run_gpu

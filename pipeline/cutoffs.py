@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping
 
 from pipeline import schema as S
 from pipeline.io import layout
-from pipeline.io.units import read_units
+from pipeline.io.units import read_facts
 from pipeline.io.storage import filesystem, join, write_bytes_atomic, write_json_atomic
 
 # LAION blog "LAION-Aesthetics" (2022-08-16), V2 predictor over LAION-2B-en.
@@ -91,7 +91,7 @@ def build_tables(records: Iterable[Mapping[str, Any]]) -> list[CutoffTable]:
 
 def write_cutoffs(output: str, storage_options: Mapping[str, Any] | None = None) -> list[CutoffTable]:
     """Aggregate the committed records and write the cutoff table (JSON and Markdown) under the prefix."""
-    tables = build_tables(read_units(output, storage_options).values())
+    tables = build_tables(read_facts(output, storage_options).values())
     fs, root = filesystem(output, storage_options)
     write_json_atomic(fs, join(root, layout.CUTOFFS_JSON), {"tables": [t.to_json() for t in tables]})
     markdown = "\n".join(t.to_markdown() for t in tables) or "No committed units yet.\n"

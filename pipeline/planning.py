@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from pipeline.config import ScoreConfig
-from pipeline.io.units import read_units
+from pipeline.io.units import read_facts
 from pipeline.io.shards import Shard, WorkUnit, plan_units
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def plan_run(config: ScoreConfig, shards: Sequence[Shard],
              records: Mapping[str, Mapping[str, Any]] | None = None) -> Plan:
     """Units of ``shards`` against what ``config.output`` has committed, for a pinned ``config``."""
     if records is None:
-        records = read_units(config.output, config.storage_options)
+        records = read_facts(config.output, config.storage_options)
     shards_per_unit = committed_shards_per_unit(records) or config.shards_per_unit
     if shards_per_unit != config.shards_per_unit:
         # Regrouping would give committed shards new unit ids, and their rows would exist twice.

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from pipeline.io import layout
-from pipeline.io.units import read_units
+from pipeline.io.units import read_facts
 from pipeline.io.shards import plan_units, list_shards
 from pipeline.io.storage import filesystem, join, read_json
 from pipeline.planning import STALE, committed_shards_per_unit, pending_reason
@@ -55,7 +55,7 @@ def read_run_summaries(output: str, storage_options: Mapping[str, Any] | None = 
 
 def unit_status(output: str, inputs: Sequence[str] | None = None, model_key: str | None = None,
                 shards_per_unit: int | None = None, storage_options: Mapping[str, Any] | None = None) -> StatusReport:
-    records = read_units(output, storage_options)
+    records = read_facts(output, storage_options)
     runs = read_run_summaries(output, storage_options)
     report = StatusReport(output=output, last_run=runs[-1] if runs else None)
     for record in records.values():

@@ -53,8 +53,15 @@ SCHEMA = pa.schema([
     pa.field("scored", pa.int64()),
     pa.field("counts_by_status", pa.map_(pa.string(), pa.int64())),
     pa.field("counts_ge", pa.map_(pa.string(), pa.int64())),
+    # What planning compares with a fresh listing: each shard's name, size and ETag.
+    pa.field("shard_versions", pa.list_(pa.struct([("name", pa.string()), ("size", pa.int64()),
+                                                   ("etag", pa.string())]))),
     pa.field("record", pa.string(), nullable=False),
 ])
+
+# The columns planning, status and the cutoff table read: everything but the JSON record.
+FACTS = ["unit", "model_key", "tiny_random", "shards_per_unit", "rows", "scored", "counts_by_status", "counts_ge",
+         "shard_versions"]
 
 
 def units_uri(output: str) -> str:
@@ -74,6 +81,9 @@ def to_row(record: Mapping[str, Any], unit_version: int, data_version: int) -> d
         "scored": record.get("score", {}).get("scored"),
         "counts_by_status": list(record.get("counts_by_status", {}).items()),
         "counts_ge": list(record.get("score", {}).get("counts_ge", {}).items()),
+        "shard_versions": [{"name": v.get("name"), "size": v.get("size"),
+                            "etag": None if v.get("etag") is None else str(v.get("etag"))}
+                           for v in record.get("shards", [])],
         "record": json.dumps(record, sort_keys=True, default=str),
     }
 
@@ -118,6 +128,23 @@ def read_units(output: str, storage_options: Mapping[str, Any] | None = None) ->
     """Every committed unit's current record, by unit id."""
     table = read_table(output, storage_options, columns=["unit", "record"])
     return {unit: json.loads(text) for unit, text in zip(table["unit"].to_pylist(), table["record"].to_pylist())}
+
+
+def read_facts(output: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Every committed unit's facts, by unit id, in the record's shape but without reading the JSON record:
+    model_key, tiny_random, shards_per_unit, rows, counts_by_status, score (scored, counts_ge), shards."""
+    table = read_table(output, storage_options, columns=FACTS)
+    columns = {name: table[name].to_pylist() for name in FACTS}
+    facts = {}
+    for i, unit in enumerate(columns["unit"]):
+        facts[unit] = {
+            "unit": unit, "model_key": columns["model_key"][i], "tiny_random": columns["tiny_random"][i],
+            "shards_per_unit": columns["shards_per_unit"][i], "rows": columns["rows"][i],
+            "counts_by_status": dict(columns["counts_by_status"][i] or []),
+            "score": {"scored": columns["scored"][i], "counts_ge": dict(columns["counts_ge"][i] or [])},
+            "shards": columns["shard_versions"][i] or [],
+        }
+    return facts
 
 
 def versions(output: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, tuple[int, int]]:

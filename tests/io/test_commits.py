@@ -126,6 +126,9 @@ def test_the_unit_table_holds_its_facts_as_columns_too(tmp_path):
     row = units.read_table(str(tmp_path)).to_pylist()[0]
     assert (row["unit"], row["rows"], row["model_key"], dict(row["counts_by_status"])) == ("u1", 2, "m", {"ok": 2})
     assert json.loads(row["record"])["shards"] == [{"name": "u1.tar"}]
+    facts = units.read_facts(str(tmp_path))["u1"]  # what planning, status and cutoffs read: no JSON
+    assert (facts["model_key"], facts["rows"], facts["counts_by_status"]) == ("m", 2, {"ok": 2})
+    assert facts["shards"] == [{"name": "u1.tar", "size": None, "etag": None}]
 
 
 def test_commits_on_an_s3_compatible_store(s3_server, s3_bucket):

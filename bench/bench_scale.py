@@ -1,0 +1,293 @@
+"""`make bench-scale`: the bookkeeping commands on outputs of 1,000 to 58,000 units, on local disk and on S3.
+
+A real run (img2dataset shards, local Ray, tiny model) gives one unit's files and record. Each output is
+then fabricated from it: 4 numbered shards per unit in an input prefix, the unit's band files copied per
+unit, the data table committed in batches of units (each carrying its app transactions), the unit table
+written with one row per unit, both checkpointed, as a long history of per-unit commits leaves them.
+Each command then runs in a subprocess of its own, and its wall seconds and peak RSS (the process's own
+``ru_maxrss``) are printed:
+
+- listing the input alone (what ``status`` and ``nightly`` must do whatever the bookkeeping costs);
+- ``cutoffs``; ``status --input``; ``nightly --dry-run`` with nothing new, and with 100 new shards (the time
+  to a plan, every check included);
+- opening the snapshot: Polars ``scan_delta`` to its schema, DuckDB over the table's pyarrow dataset.
+
+    python -m bench.bench_scale [--units 1000 10000 58000] [--stores local s3]
+
+S3 is a moto server started on 127.0.0.1 for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARDS_PER_UNIT = 4
+NEW_SHARDS = 100
+BATCH_UNITS = 2000  # units per fabricated data commit
+
+TARGETS_58K_S3 = {"cutoffs": 5.0, "status": 10.0, "nightly, nothing new": 30.0, "nightly, 100 new shards": 30.0,
+                  "Polars open": 10.0, "DuckDB open": 10.0}
+
+
+def _template(scratch: Path) -> tuple[dict[str, Any], list[tuple[str, str, bytes]], list[str]]:
+    """(one unit's record, its files as (relative path, band, bytes), the --head/--weights-dir arguments)."""
+    from pipeline.config import ModelConfig
+    from pipeline.demo import v2_head_or_stand_in
+    from pipeline.io.units import read_units
+    from tests.integration.conftest import Scoring
+
+    from pipeline.ray_session import start_local_ray
+    from pipeline.runner import run_score
+    from pipeline.sample_data import build_sample_dataset
+
+    data = build_sample_dataset(scratch / "sample", n_images=36, images_per_shard=10, broken_urls=3)  # 40 rows
+    scoring = Scoring(*v2_head_or_stand_in(scratch / "heads"))
+    start_local_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
+    output = scratch / "template"
+    config = scoring.config(data.shards_dir, str(output), shards_per_unit=SHARDS_PER_UNIT,
+                            model=ModelConfig(name="tiny-random", precision="fp32"))
+    summary = run_score(config)
+    assert summary.ok and summary.units_committed, summary
+    record = read_units(str(output))[summary.units_committed[0]]
+    files = [(entry["path"], entry["band"], (output / entry["path"]).read_bytes()) for entry in record["files"]]
+    args = []
+    for head in scoring.heads:
+        args += ["--head", f"{head.weights.uri},sha256={head.weights.sha256}"]
+    for directory in scoring.weights_dirs:
+        args += ["--weights-dir", directory]
+    return record, files, args
+
+
+def _put(fs: Any, items: dict[str, bytes]) -> None:
+    """Write many small objects; s3fs sends them concurrently."""
+    from pipeline.io.storage import protocol_of
+
+    if protocol_of(fs) in ("file", "local"):
+        for path, data in items.items():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_bytes(data)
+        return
+    keys = list(items)
+    for start in range(0, len(keys), 5000):
+        fs.pipe({key: items[key] for key in keys[start:start + 5000]})
+
+
+def fabricate(units: int, input_uri: str, output_uri: str, record: dict[str, Any],
+              files: list[tuple[str, str, bytes]], storage_options: dict[str, Any]) -> float:
+    """An input of ``units`` x 4 shards and an output with every unit committed; seconds it took."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from deltalake import CommitProperties, DeltaTable, Schema, Transaction
+    from deltalake.transaction import AddAction, create_table_with_add_actions
+
+    from pipeline import bands
+    from pipeline.io import units as unit_table
+    from pipeline.io.commits import UNIT_KEY, data_file_name
+    from pipeline.io.delta import storage_options_for, table_uri
+    from pipeline.io.shards import list_shards, plan_units
+    from pipeline.io.storage import filesystem, join
+
+    started = time.perf_counter()
+    fs, in_root = filesystem(input_uri, storage_options)
+    _put(fs, {join(in_root, f"{n:06d}.tar"): b"" for n in range(units * SHARDS_PER_UNIT)})
+    planned = plan_units(list_shards([input_uri], storage_options), SHARDS_PER_UNIT)
+    assert len(planned) == units
+
+    out_fs, out_root = filesystem(output_uri, storage_options)
+    schema = pq.read_schema(pa.BufferReader(files[0][2])).append(pa.field(bands.COLUMN, pa.string()))
+    location, options = table_uri(output_uri), storage_options_for(output_uri, storage_options)
+    rows, now_ms = [], int(time.time() * 1000)
+    for start in range(0, units, BATCH_UNITS):
+        batch = planned[start:start + BATCH_UNITS]
+        objects, adds = {}, []
+        for unit in batch:
+            for _, band, data in files:
+                name = data_file_name(unit.unit_id, 1, band)
+                objects[join(out_root, name)] = data
+                adds.append(AddAction(name, len(data), {bands.COLUMN: band}, now_ms, True,
+                                      json.dumps({"numRecords": 1})))
+        _put(out_fs, objects)
+        properties = CommitProperties(app_transactions=[Transaction(u.unit_id, 1) for u in batch],
+                                      custom_metadata={UNIT_KEY: "fabricated"})
+        if start == 0:
+            create_table_with_add_actions(location, Schema.from_arrow(schema), adds, mode="append",
+                                          partition_by=[bands.COLUMN], storage_options=options,
+                                          commit_properties=properties)
+        else:
+            DeltaTable(location, storage_options=options).create_write_transaction(
+                adds, mode="append", schema=schema, partition_by=[bands.COLUMN], commit_properties=properties)
+        version = DeltaTable(location, storage_options=options).version()
+        for unit in batch:
+            unit_record = copy.deepcopy(record)
+            unit_record.update(unit=unit.unit_id, shards=[{**shard.version(), "rows": 10} for shard in unit.shards],
+                               files=[{"path": data_file_name(unit.unit_id, 1, band), "band": band, "rows": 1}
+                                      for _, band, _ in files])
+            rows.append(unit_table.to_row(unit_record, 1, version))
+    unit_table.append(output_uri, rows, storage_options)
+    for uri in (output_uri, unit_table.units_uri(output_uri)):
+        DeltaTable(table_uri(uri), storage_options=storage_options_for(uri, storage_options)).create_checkpoint()
+    return time.perf_counter() - started
+
+
+def measure(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MiB, last line of output) of one command in a process of its own."""
+    # A child forked from this process (Ray and torch loaded) counts our pages in its peak RSS until it execs:
+    # the command runs under a small Python that reports its own child's peak.
+    wrapper = [sys.executable, "-c", _RSS_WRAPPER, *command]
+    result = subprocess.run(wrapper, cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} ... exited {result.returncode}: {result.stderr[-2000:]}")
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    seconds, peak_kib = map(float, lines[-1].split())
+    return seconds, peak_kib / 1024, lines[-2] if len(lines) > 1 else ""
+
+
+_RSS_WRAPPER = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+                "code = subprocess.run(sys.argv[1:]).returncode; t = time.perf_counter() - t; "
+                "sys.exit(code) if code else print(t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+# Opening the snapshot: the log and checkpoint read, the files listed, the schema known; no data file is read
+# (counting rows would read every file's footer, which is the data's cost, not the bookkeeping's).
+POLARS = ("import sys, json, polars as pl; frame = pl.scan_delta(sys.argv[1], storage_options=json.loads(sys.argv[2]));"
+          " print(len(frame.collect_schema()), 'columns')")
+DUCKDB = ("import sys, json, duckdb; from deltalake import DeltaTable; "
+          "ds = DeltaTable(sys.argv[1], storage_options=json.loads(sys.argv[2])).to_pyarrow_dataset(); "
+          "print(len(duckdb.sql('SELECT * FROM ds LIMIT 0').columns), 'columns,', len(ds.files), 'files')")
+
+
+def commands(input_uri: str, output_uri: str, options: dict[str, Any], head_args: list[str]) -> dict[str, list[str]]:
+    from pipeline.io.delta import storage_options_for, table_uri
+
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    storage = [f"--storage-option={key}={json.dumps(value) if not isinstance(value, str) else value}"
+               for key, value in options.items() if key in ("endpoint_url",)]
+    plan = [*cli, "nightly", "--input", input_uri, "--output", output_uri, "--model", "tiny-random",
+            "--precision", "fp32", "--shards-per-unit", str(SHARDS_PER_UNIT), "--dry-run", *head_args, *storage]
+    delta = [table_uri(output_uri), json.dumps(storage_options_for(output_uri, options))]
+    listing = ("import sys, json; from pipeline.io.shards import list_shards; "
+               "print(len(list_shards([sys.argv[1]], json.loads(sys.argv[2]))), 'shards')")
+    return {
+        "list the input": [sys.executable, "-c", listing, input_uri, json.dumps(options)],
+        "cutoffs": [*cli, "cutoffs", output_uri, *storage],
+        "status": [*cli, "status", output_uri, "--input", input_uri, *storage],
+        "nightly, nothing new": plan,
+        "nightly, 100 new shards": plan,
+        "Polars open": [sys.executable, "-c", POLARS, *delta],
+        "DuckDB open": [sys.executable, "-c", DUCKDB, *delta],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--units", type=int, nargs="+", default=[1000, 10000, 58000])
+    parser.add_argument("--stores", nargs="+", default=["local", "s3"], choices=("local", "s3"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+    from bench.table import text_table
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    server = None
+    try:
+        print("a real run for the template unit ...", flush=True)
+        record, files, head_args = _template(scratch)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        options: dict[str, Any] = {}
+        if "s3" in args.stores:
+            server = _start_moto(scratch, env)
+            options = {"endpoint_url": server[1]}
+        results = []
+        for store in args.stores:
+            for units in args.units:
+                name = f"{store}-{units}"
+                if store == "local":
+                    input_uri, output_uri, opts = str(scratch / name / "shards"), str(scratch / name / "scores"), {}
+                else:
+                    bucket = f"scale-{units}"
+                    _make_bucket(server[1], bucket)
+                    input_uri, output_uri, opts = f"s3://{bucket}/shards", f"s3://{bucket}/scores", options
+                seconds = fabricate(units, input_uri, output_uri, record, files, opts)
+                print(f"{name}: fabricated in {seconds:.0f} s", flush=True)
+                for label, command in commands(input_uri, output_uri, opts, head_args).items():
+                    if label == "nightly, 100 new shards":
+                        _add_new_shards(input_uri, units, opts)
+                    wall, rss, last = measure(command, env)
+                    results.append((store, units, label, wall, rss, last))
+                    print(f"  {label:26s} {wall:7.2f} s {rss:8.0f} MiB   {last[:90]}", flush=True)
+                if store == "local":
+                    shutil.rmtree(scratch / name, ignore_errors=True)
+        print()
+        print(text_table(["store", "units", "command", "wall s", "peak RSS MiB"],
+                         [[s, f"{u:,}", c, f"{w:.2f}", f"{r:.0f}"] for s, u, c, w, r, _ in results]))
+        _verdicts(results)
+    finally:
+        if server is not None:
+            server[0].terminate()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+def _verdicts(results: list[tuple]) -> None:
+    by_key = {(store, units, label): wall for store, units, label, wall, _, _ in results}
+    for (store, units, label), wall in sorted(by_key.items()):
+        if store == "s3" and units == 58000 and label in TARGETS_58K_S3:
+            target = TARGETS_58K_S3[label]
+            print(f"target at 58,000 units on S3: {label} {wall:.2f} s (<= {target:g} s): "
+                  f"{'met' if wall <= target else 'NOT met'}")
+        small = by_key.get((store, 1000, label))
+        if units > 1000 and small:
+            print(f"{store} {label}: {units:,} units / 1,000 units = {wall / small:.2f}x "
+                  f"({'within' if wall <= 2 * small else 'NOT within'} 2x)")
+
+
+def _start_moto(scratch: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    moto = Path(sys.executable).parent / "moto_server"
+    process = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
+        os.environ[name] = env[name] = value
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    return process, endpoint
+
+
+def _make_bucket(endpoint: str, bucket: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+
+
+def _add_new_shards(input_uri: str, units: int, options: dict[str, Any]) -> None:
+    from pipeline.io.storage import filesystem, join
+
+    fs, root = filesystem(input_uri, options)
+    first = units * SHARDS_PER_UNIT
+    _put(fs, {join(root, f"{n:06d}.tar"): b"" for n in range(first, first + NEW_SHARDS)})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
