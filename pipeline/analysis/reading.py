@@ -44,7 +44,6 @@ __all__ = [
     "fetch_images", "open_scores", "read_units", "score_filter", "thumbnail",
 ]
 
-PARTITIONING = pads.partitioning(pa.schema([pa.field(S.SCORE_BAND, pa.string())]), flavor="hive")
 
 BAND_RANGES = bands.RANGES  # [low, high) score range of each band
 
