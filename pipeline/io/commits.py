@@ -66,12 +66,18 @@ class UnitCommitter:
         self._lock = threading.Lock()
         self._table = open_table(output, storage_options)
         self.roll_forward()
-        self._paths: dict[str, list[tuple[str, str]]] = {}  # unit -> [(path, band)] in the current snapshot
-        if self._table is not None:
-            actions = pa.table(self._table.get_add_actions(flatten=True)).to_pydict()
-            band_column = f"partition.{bands.COLUMN}"
-            for path, band in zip(actions["path"], actions.get(band_column) or [None] * len(actions["path"])):
-                self._paths.setdefault(unit_of_path(path), []).append((path, band))
+        self._paths: dict[str, list[tuple[str, str]]] | None = None  # unit -> [(path, band)], read on first commit
+
+    def _current_paths(self) -> dict[str, list[tuple[str, str]]]:
+        """Each unit's files in the current snapshot (read once: a run with nothing to commit never pays)."""
+        if self._paths is None:
+            self._paths = {}
+            if self._table is not None:
+                actions = pa.table(self._table.get_add_actions(flatten=True)).to_pydict()
+                bands_of = actions.get(f"partition.{bands.COLUMN}") or [None] * len(actions["path"])
+                for path, band in zip(actions["path"], bands_of):
+                    self._paths.setdefault(unit_of_path(path), []).append((path, band))
+        return self._paths
 
     # -- recovery -------------------------------------------------------------------------------------
     def roll_forward(self) -> int:
@@ -132,12 +138,13 @@ class UnitCommitter:
                     return self._table.version()  # committed already: a retry after a lost answer
                 add_missing_columns(self._table, full_schema)
                 removes = [RemoveAction(path, True, now_ms, None, {bands.COLUMN: band})
-                           for path, band in self._paths.get(unit_id, []) if path not in {f.path for f in files}]
+                           for path, band in self._current_paths().get(unit_id, [])
+                           if path not in {f.path for f in files}]
                 self._table.create_write_transaction(adds + removes, mode="append", schema=self._table.schema(),
                                                      partition_by=[bands.COLUMN], commit_properties=properties)
                 self._table.update_incremental()
             data_version = self._table.version()
-            self._paths[unit_id] = [(f.path, f.band) for f in files]
+            self._current_paths()[unit_id] = [(f.path, f.band) for f in files]
             units.append(self.output, [units.to_row(record, version, data_version)], self.storage_options,
                          [(unit_id, version)])
             return data_version
