@@ -46,6 +46,14 @@ def test_fp16_asked_on_cpu_runs_and_is_recorded_as_fp32(shards, head, tmp_path, 
     assert identity["precision_requested"] == "fp16" and "/fp32|" in identity["model_key"]
 
 
+def test_the_readme_says_what_the_run_records_for_fp16_on_a_cpu():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    paragraph = readme.split("**Precision as it ran.**", 1)[1].split("\n- ", 1)[0]
+    # What the test above pins, as the README puts it.
+    assert "fp16 on a CPU runs in fp32" in paragraph and "record `fp32`" in paragraph
+    assert "`precision_requested`" in paragraph
+
+
 def test_bf16_on_cpu_is_kept_and_is_another_model_key(shards, head, tmp_path):
     keys = {precision: model_key(prepare_run(_config(shards, tmp_path / "out", head, name="tiny-random",
                                                      device="cpu", precision=precision)).config)
