@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # site config here also points at a CPU-only torch that breaks torchvision, which uv ignores.
 UV     := $(PYTHON) -m uv
 
-.PHONY: install demo test test-fast bench bench-scale bench-gpu clean
+.PHONY: install demo lint test test-fast bench bench-scale bench-gpu gpu-check clean
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(UV) venv -q --allow-existing --python $(PYTHON) $(VENV)
 	# --compile-bytecode: every Ray worker imports torch and open_clip; without .pyc files (uv writes
 	# none by default, and PYTHONDONTWRITEBYTECODE stops Python writing them) each one compiles them
-	# from source again, about 10 s of CPU per process.
+	# from source again, a CPU cost paid in every process.
 	UV_HTTP_TIMEOUT=300 $(UV) pip install -q --compile-bytecode -p $(BIN)/python -e '.[test]'
 	# The report test drives the system Chromium (never a browser download); Debian's package.
 	command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
@@ -27,7 +27,11 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/python -m pipeline.demo
 
-test: install
+lint: install
+	$(BIN)/ruff check .
+
+# Lint first: a lint failure fails make test before pytest starts.
+test: install lint
 	$(BIN)/python -m pytest -q
 
 test-fast: install
@@ -42,6 +46,11 @@ bench-scale: install
 
 bench-gpu: install
 	$(BIN)/python -m bench.run_gpu
+
+# The GPU check without Ray, for a machine with only torch: bench/gpu_check.sh installs the wheels it
+# carries (bench/gpu_wheels/, from `bash bench/gpu_check.sh --prepare`) and runs bench.gpu_check.
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf demo-output bench-output .pytest_cache

@@ -45,11 +45,10 @@ def _template(scratch: Path) -> tuple[dict[str, Any], list[tuple[str, str, bytes
     from pipeline.config import ModelConfig
     from pipeline.demo import v2_head_or_stand_in
     from pipeline.io.units import read_units
-    from tests.integration.conftest import Scoring
-
     from pipeline.ray_session import start_local_ray
     from pipeline.runner import run_score
     from pipeline.sample_data import build_sample_dataset
+    from tests.integration.conftest import Scoring
 
     data = build_sample_dataset(scratch / "sample", n_images=36, images_per_shard=10, broken_urls=3)  # 40 rows
     scoring = Scoring(*v2_head_or_stand_in(scratch / "heads"))

@@ -21,8 +21,8 @@ import pyarrow as pa
 
 from pipeline.config import ScoreConfig
 from pipeline.cutoffs import write_cutoffs
-from pipeline.io.shards import list_shards, plan_units
 from pipeline.io.commits import UnitCommitter
+from pipeline.io.shards import list_shards, plan_units
 from pipeline.io.writer import WriteStaging, commit_unit
 from pipeline.models.clip import image_geometry
 from pipeline.planning import run_identity

@@ -239,9 +239,8 @@ def decode_rate_per_core(shards: Path, batch_size: int) -> float:
 def end_to_end(args: argparse.Namespace, device: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     import ray
 
-    from pipeline.ray_session import start_local_ray
-
     from pipeline.config import DecodeConfig, ModelConfig, ResourcesConfig, ScoreConfig
+    from pipeline.ray_session import start_local_ray
     from pipeline.runner import run_score
 
     resources = json.loads(args.resources)

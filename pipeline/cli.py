@@ -14,12 +14,13 @@ from typing import Any, Sequence
 import yaml
 
 from pipeline.commands.options import add_storage_options
-from pipeline.config import ConfigError, ScoreConfig, config_from_mapping
+from pipeline.config import PRECISIONS, ConfigError, ScoreConfig, config_from_mapping
 from pipeline.errors import ExitCode, explain
 from pipeline.io import layout
 
 # Modules under pipeline/commands that add subcommands: each has register(commands) -> None.
-COMMAND_MODULES: tuple[str, ...] = ("pipeline.commands.analysis", "pipeline.commands.cluster", "pipeline.commands.heads")
+COMMAND_MODULES: tuple[str, ...] = ("pipeline.commands.analysis", "pipeline.commands.cluster", "pipeline.commands.heads",
+                                     "pipeline.commands.housekeeping")
 
 TINY_WARNING = (
     "\n" + "!" * 78 + "\n"
@@ -48,7 +49,12 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
                         help="head name (sac+logos+ava1-l14-linearMSE, sa_0_4_vit_l_14_linear, ...) or a path/URI, "
                              "optionally ',sha256=HEX'; repeat for several, the first is the primary score")
     parser.add_argument("--weights-dir", action="append", help="folder (path or URI) searched first for weight files")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="fp16/bf16: weights cast; amp_bf16: fp32 weights under bf16 autocast")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the image tower (a compile per actor; pays on long GPU runs)")
+    parser.add_argument("--channels-last", action="store_true", default=None,
+                        help="NHWC memory order for the image tower's convolution")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--batch-size", type=int, help="images per embed batch")
     parser.add_argument("--decode-batch-size", type=int)
@@ -97,7 +103,8 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
     decode = dict(values.get("decode", {}))
     for flag, target, name in [
         ("model", model, "name"), ("pretrained", model, "pretrained"), ("pretrained_sha256", model, "pretrained_sha256"),
-        ("precision", model, "precision"), ("device", model, "device"),
+        ("precision", model, "precision"), ("device", model, "device"), ("compile", model, "compile"),
+        ("channels_last", model, "channels_last"),
         ("batch_size", resources, "embed_batch_size"), ("min_actors", resources, "min_actors"),
         ("max_actors", resources, "max_actors"), ("gpus_per_actor", resources, "gpus_per_actor"),
         ("decode_cpus_per_actor", resources, "decode_cpus_per_actor"),
@@ -217,19 +224,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def cmd_vacuum(args: argparse.Namespace) -> int:
-    from pipeline.housekeeping import vacuum
-
-    result = vacuum(args.output, args.retention_hours, args.dry_run, dict(args.storage_option or []))
-    verb = "would delete" if result.dry_run else "deleted"
-    print(f"{verb} {len(result.data_files)} data files and {len(result.unit_files)} unit-table files no table "
-          f"version of the last {args.retention_hours} h needs")
-    if result.dry_run:
-        for path in result.data_files + result.unit_files:
-            print(f"  {path}")
-    return ExitCode.OK
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aesthetics", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the job does")
@@ -260,17 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("output")
     add_storage_options(migrate)
     migrate.set_defaults(run=cmd_migrate)
-
-    from pipeline.housekeeping import DEFAULT_RETENTION_HOURS
-
-    vacuum = commands.add_parser("vacuum", help="delete files no table version within the retention needs "
-                                                "(replaced unit versions, stopped runs' files)")
-    vacuum.add_argument("output")
-    vacuum.add_argument("--retention-hours", type=int, default=DEFAULT_RETENTION_HOURS,
-                        help=f"keep what versions of the last H hours read (default {DEFAULT_RETENTION_HOURS})")
-    vacuum.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
-    add_storage_options(vacuum)
-    vacuum.set_defaults(run=cmd_vacuum)
 
     import importlib
 

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from pipeline.errors import UsageError
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "amp_bf16")  # amp_bf16: fp32 weights, bf16 autocast
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -105,11 +105,17 @@ class ModelConfig:
     precision: str = "fp16"
     device: str = "auto"
     seed: int = 0
+    # torch.compile the image tower. Off until a GPU run shows it pays (bench/gpu_check.py measures it);
+    # it costs a compile per actor, and batches are padded to one shape so it compiles once.
+    compile: bool = False
+    channels_last: bool = False  # the patch-embedding convolution in NHWC memory order
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model name must not be empty")
         _require(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         _require(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        for flag in ("compile", "channels_last"):
+            _require(isinstance(getattr(self, flag), bool), f"model.{flag} must be true or false")
         if self.is_tiny_random:
             _require(self.pretrained in ("", DEFAULT_PRETRAINED),
                      f"{TINY_MODEL} has seeded random weights; it takes no pretrained weights ({self.pretrained!r})")
@@ -161,15 +167,15 @@ class ResourcesConfig:
     read_concurrency: int | None = None
     # Ray Data's per-operator resource reservation (DataContext.op_resource_reservation_enabled). It sets
     # aside CPUs for every operator, staging's included, even while one is idle: on 2 CPUs decode could
-    # run only half the time (bench: 80 / 800 shards in 25.7 / 196 s with it, 21.0 / 138 s without).
+    # run only half the time, and runs take longer with it than without (BENCHMARKS.md).
     # Without it decode runs further ahead of the model, still held back by Ray Data's downstream-capacity
-    # backpressure: peak RSS 4.5 -> 5.4 GiB at 80 shards; at 800, private memory flat, object store
-    # pages touched up 1.07-1.25x (BENCHMARKS.md).
+    # backpressure: peak RSS rises a little on small runs; on large ones private memory stays flat and
+    # only the object store's touched pages grow (BENCHMARKS.md).
     reserve_per_operator: bool = False
     # torch threads in each embed actor that runs on CPU. None: the node's Ray CPUs shared among max_actors.
     # On CPU the model is the slow stage and decode leaves its cores idle much of the time; the actor's
-    # OpenMP threads wait passively, so a decode task on the same core gets it back at once (bench, 2 CPUs:
-    # 80 shards in 17.1-17.8 s against 18.2-22.0 s with one thread, BENCHMARKS.md). GPU actors keep Ray's
+    # OpenMP threads wait passively, so a decode task on the same core gets it back at once (faster than
+    # one thread on 2 CPUs, BENCHMARKS.md). GPU actors keep Ray's
     # default (OMP_NUM_THREADS = their num_cpus).
     cpu_threads_per_actor: int | None = None
 
@@ -222,7 +228,7 @@ class ScoreConfig:
         gpus = self.resources.gpus_per_actor
         _require(not (self.model.device == "cpu" and gpus), f"device cpu contradicts gpus_per_actor={gpus}")
         _require(not (self.model.device == "cuda" and gpus == 0), "device cuda contradicts gpus_per_actor=0")
-        _require(not any(k.lower() in _SECRET_OPTION_NAMES for k in self.storage_options),
+        _require(not any(is_credential_option(k) for k in self.storage_options),
                  "credentials do not belong in storage options: give them to the nodes' environment or roles")
 
     @property
@@ -233,8 +239,17 @@ class ScoreConfig:
         return dataclasses.replace(self, **changes)
 
 
-_SECRET_OPTION_NAMES = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key",
-                        "aws_session_token", "password"}
+# fsspec storage options that carry credentials (s3fs, gcsfs, adlfs and botocore names): refused in a job's
+# config and on a submitted command line alike. Credentials come from the nodes' environment or roles.
+CREDENTIAL_OPTIONS = frozenset({
+    "key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+    "access_key", "secret_key", "session_token", "account_key", "sas_token",
+})
+
+
+def is_credential_option(name: str) -> bool:
+    """A storage option (any case) whose value is a credential."""
+    return name.lower() in CREDENTIAL_OPTIONS
 
 
 def resolve_head(name_or_uri: str, sha256: str | None = None) -> HeadSpec:

@@ -11,8 +11,8 @@ from typing import Any, Iterable, Mapping
 
 from pipeline import schema as S
 from pipeline.io import layout
-from pipeline.io.units import read_facts
 from pipeline.io.storage import filesystem, join, write_bytes_atomic, write_json_atomic
+from pipeline.io.units import read_facts
 
 # LAION blog "LAION-Aesthetics" (2022-08-16), V2 predictor over LAION-2B-en.
 LAION_2B_EN_SAMPLES = 2_322_161_808

@@ -32,7 +32,7 @@ from pipeline import schema
 from pipeline.config import ConfigError
 from pipeline.io.storage import filesystem, write_bytes_atomic
 from pipeline.training.labels import AVA_BINARY_THRESHOLD, LabelKind, LabelTable, read_labels
-from pipeline.training.scored import JOIN_KEY, align, join_columns, join_keys, read_scored, column_names
+from pipeline.training.scored import JOIN_KEY, align, column_names, join_columns, join_keys, read_scored
 
 MIN_GROUP_SIZE = 2
 COUNT_METRICS = ("n", "groups")

@@ -49,6 +49,19 @@ def cpu_actor_threads(config: ScoreConfig) -> int | Callable[[], int]:
     return functools.partial(node_cpu_share, resources.max_actors)
 
 
+def embed_pool(config: ScoreConfig, shards: int, gpus: float) -> ray.data.ActorPoolStrategy:
+    """The embed actors. On GPUs the pool starts at its full size: growing from one actor, Ray Data adds
+    actors only as their queues back up, each loading its model, while the GPUs already paid for sit idle.
+    A run with fewer shards than actors (a nightly run on a small backlog) starts with one per shard. On CPU
+    the actors share cores with decode, so the pool starts at its minimum and Ray Data grows it."""
+    resources = config.resources
+    initial = resources.min_actors
+    if gpus:
+        initial = max(resources.min_actors, min(resources.max_actors, shards))
+    return ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors,
+                                      initial_size=initial)
+
+
 def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
                   embed_loader: Any = None) -> ray.data.Dataset:
     """The whole pipeline as one lazy Dataset of per-(unit, shard) stats rows."""
@@ -86,7 +99,7 @@ def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
             "torch_threads": None if gpus else cpu_actor_threads(config),
         },
         batch_size=resources.embed_batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
+        compute=embed_pool(config, len(items), gpus),
         num_gpus=gpus, num_cpus=resources.cpus_per_actor, **actor_env,
         # The model's host memory, so Ray places actors where they fit. Being a request decode does
         # not make, it also keeps Ray from fusing decode into the model holder when no GPU is asked

@@ -1,22 +1,42 @@
-"""`aesthetics vacuum`: delete the files an output's snapshots no longer need.
+"""`aesthetics optimize` and `aesthetics vacuum`: keep an output's tables quick to read and its prefix small.
 
-A unit scored again leaves its earlier files behind (earlier table versions still read them), and a run
-stopped before its commit leaves files no version lists. Vacuum deletes both once they are older than the
-retention, from the data table and the unit table, holding the output's lease so that no running job's
-files-about-to-be-committed are among them. Time travel reaches back as far as the retention.
+Optimize rewrites the many small files a run commits (one per unit and score band, one unit-table file per
+unit) into few large ones, per score band, and writes a checkpoint of each table's log so that a reader
+opens one Parquet file of log instead of replaying every commit. Plain compaction keeps units together
+(files are taken in name order, which is unit order), so scoring a unit again rewrites only the compacted
+files whose ``unit`` bounds include it; Z-ordering by score spreads every unit over every file of a band,
+which makes filters on score skip more files and a rescore rewrite many.
+
+Vacuum deletes the files no table version within the retention reads: a rescored unit's earlier files,
+files optimize replaced, and the files of a run stopped before its commit.
+
+Both hold the output's lease, so that no running job commits meanwhile and none of its files-about-to-be-
+committed are deleted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+from pipeline import schema as S
 from pipeline.errors import InputError
 from pipeline.io import units
 from pipeline.io.delta import open_table
 from pipeline.io.lease import Lease
 
 DEFAULT_RETENTION_HOURS = 168  # Delta's own default: a week of time travel
+DEFAULT_TARGET_SIZE_MB = 256
+
+
+@dataclass(frozen=True)
+class Optimized:
+    files_removed: int
+    files_added: int
+    unit_files_removed: int
+    unit_files_added: int
+    zorder_by: tuple[str, ...]
+    data_version: int
 
 
 @dataclass(frozen=True)
@@ -26,14 +46,47 @@ class Vacuumed:
     dry_run: bool
 
 
+def _data_table(output: str, storage_options: Mapping[str, Any] | None, verb: str):
+    units.refuse_earlier_layout(output, storage_options)
+    data = open_table(output, storage_options)
+    if data is None:
+        raise InputError(f"no Delta table under {output}: nothing to {verb}")
+    return data
+
+
+def optimize(output: str, target_size_mb: int = DEFAULT_TARGET_SIZE_MB, zorder_by: Sequence[str] = (),
+             storage_options: Mapping[str, Any] | None = None, run_id: str = "optimize") -> Optimized:
+    if target_size_mb <= 0:
+        raise InputError(f"target size must be at least 1 MB, got {target_size_mb}")
+    data = _data_table(output, storage_options, "optimize")
+    columns = {field.name for field in data.schema().fields}
+    unknown = [name for name in zorder_by if name not in columns]
+    if unknown:
+        raise InputError(f"cannot Z-order by {', '.join(unknown)}: not a column of {output} "
+                         f"(for example {S.AESTHETIC_SCORE})")
+    with Lease(output, run_id, storage_options=storage_options):
+        data.update_incremental()
+        target = target_size_mb * 1024 * 1024
+        metrics = (data.optimize.z_order(list(zorder_by), target_size=target) if zorder_by
+                   else data.optimize.compact(target_size=target))
+        data.update_incremental()
+        data.create_checkpoint()
+        unit_table = open_table(units.units_uri(output), storage_options)
+        unit_metrics = {"numFilesRemoved": 0, "numFilesAdded": 0}
+        if unit_table is not None:
+            unit_metrics = unit_table.optimize.compact()
+            unit_table.update_incremental()
+            unit_table.create_checkpoint()
+    return Optimized(int(metrics["numFilesRemoved"]), int(metrics["numFilesAdded"]),
+                     int(unit_metrics["numFilesRemoved"]), int(unit_metrics["numFilesAdded"]),
+                     tuple(zorder_by), data.version())
+
+
 def vacuum(output: str, retention_hours: int = DEFAULT_RETENTION_HOURS, dry_run: bool = False,
            storage_options: Mapping[str, Any] | None = None, run_id: str = "vacuum") -> Vacuumed:
     if retention_hours < 0:
         raise InputError(f"retention must be 0 hours or more, got {retention_hours}")
-    units.refuse_earlier_layout(output, storage_options)
-    data = open_table(output, storage_options)
-    if data is None:
-        raise InputError(f"no Delta table under {output}: nothing to vacuum")
+    data = _data_table(output, storage_options, "vacuum")
     with Lease(output, run_id, storage_options=storage_options):
         options = dict(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False, full=True)
         removed = data.vacuum(**options)

@@ -29,12 +29,12 @@ Two paths to the same pixels
   fast path below: up to 2 levels off. Measured: 0.2% of values off by 1, none by 2.
 
 ``fast=True`` (the default), where most of the time goes (per core, 256-512 px JPEGs: decode and Pillow's
-resampling about half each):
+resampling, in comparable shares):
 
 * JPEGs are decoded by libjpeg-turbo through simplejpeg, straight into a numpy array: Pillow's pixels
-  exactly, a quarter to a third faster (Pillow decodes into its own 4-byte-per-pixel buffer, then copies).
+  exactly, and faster (Pillow decodes into its own 4-byte-per-pixel buffer, then copies).
 * The resize runs in torch, whose antialiased uint8 kernels are a SIMD port of Pillow's resampling (same
-  filters, same geometry, same rounding): 3-5x faster than Pillow on one core. torch always runs the
+  filters, same geometry, same rounding): several times faster than Pillow on one core. torch always runs the
   horizontal pass first, so an image the reference resamples vertically first goes to torch transposed.
   torch has no box argument, so the whole image is resized and then cropped, as the reference does;
   panoramas past ``MAX_FAST_RESIZE_CROPS`` take the Pillow path, as do filters torch lacks (lanczos, box,
@@ -46,10 +46,10 @@ resampling about half each):
   does all the reduction (shortest side just above 448, 896, 1792 for S=224), about 0.016 when bicubic still
   reduces by 1.25x, 0.011 at 1.5x, 0.006 at 2x. Hence ``DRAFT_MARGIN = 1.25``: the largest DCT reduction
   that keeps the shortest side >= 1.25 S, so nothing under 560 px is reduced. img2dataset's 256 and 512 px
-  shards therefore get the reference's pixels (to the bounds below) on the fast path too, 2.3-3.2x faster per
-  core than the reference (bench/bench_decode.py prints the figures and the MAD). Noise and other detail at
-  the pixel scale survive the DCT reduction most: bench/decode_accuracy.py measures MAD 0.011 on average over
-  JPEGs of 560-2048 px, but up to 0.08 on heavily noisy or JPEG-mangled ones.
+  shards therefore get the reference's pixels (to the bounds below) on the fast path too, faster per core
+  than the reference (bench/bench_decode.py prints the figures and the MAD; BENCHMARKS.md holds them).
+  Noise and other detail at the pixel scale survive the DCT reduction most: bench/decode_accuracy.py measures
+  MAD 0.011 on average over JPEGs of 560-2048 px, but up to 0.08 on heavily noisy or JPEG-mangled ones.
 
 Accuracy, in 0..255 levels (bench/decode_accuracy.py measures it; README.md states it; tests assert it)
 --------------------------------------------------------------------------------------------------------
@@ -408,8 +408,8 @@ def _decode_for_fast_resize(data: bytes | bytearray | memoryview, image: Image.I
     """The stored image as (H, W, 3) uint8 and its DCT reduction; None: leave it to the Pillow path.
 
     JPEGs go to libjpeg-turbo through simplejpeg, straight into a numpy array: the same pixels as Pillow's
-    decoder (both libjpeg-turbo, accurate DCT, fancy upsampling), a quarter to a third faster. Grey JPEGs
-    come out as RGB: torch's SIMD resampling takes 3 or 4 channels, one channel runs 1.6x slower.
+    decoder (both libjpeg-turbo, accurate DCT, fancy upsampling), without Pillow's extra copy. Grey JPEGs
+    come out as RGB: torch's SIMD resampling takes 3 or 4 channels, and one channel runs slower.
     """
     if isinstance(image, JpegImagePlugin.JpegImageFile):
         if image.mode not in ("RGB", "L"):
@@ -432,7 +432,7 @@ def _decode_for_fast_resize(data: bytes | bytearray | memoryview, image: Image.I
 
 @functools.cache
 def _torch() -> Any:
-    """torch, imported on first use: task workers that never decode do not load it (550 MiB)."""
+    """torch, imported on first use: task workers that never decode do not load it (hundreds of MiB)."""
     with long_lived():
         import torch
     return torch
@@ -443,7 +443,7 @@ def _resize_and_crop(pixels: np.ndarray, width: int, height: int, reduction: int
     """The reference's Resize + CenterCrop of the upright ``width`` x ``height`` image, in torch.
 
     ``pixels`` is that image as (H, W, 3) uint8, DCT-reduced by ``reduction`` (1, 2, 4 or 8). torch's
-    antialiased uint8 resampling is a SIMD port of Pillow's (AVX2/AVX-512), 3-5x faster than Pillow here: the
+    antialiased uint8 resampling is a SIMD port of Pillow's (AVX2/AVX-512), several times faster: the
     reference's pixels but for 1-level differences on about 0.2% of values and 2-level ones on about one in a
     million (never more: "Accuracy" in the module docstring), provided the reference also resamples
     horizontally first (the caller transposes otherwise).
@@ -537,7 +537,7 @@ def _resize_exact(image: Image.Image, resized: tuple[int, int], crop_box: tuple[
     of the first pass by 1 level, and the second pass, whose bicubic weights sum to up to 1.25 in absolute
     value, can carry that to 2 levels (measured: 0.02% of values off, up to 2 levels, e.g. a 294 x 256
     photo). Only the long axis is cropped (the short one's box edges are 0 and the side: exact floats), and
-    resampling it whole costs 3-12% of this path's images/s on 256-1024 px JPEGs (BENCHMARKS.md).
+    resampling it whole costs only a small share of this path's images/s (BENCHMARKS.md).
     """
     def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
         return image if image.size == size else image.resize(size, resample)  # Pillow would copy

@@ -1,10 +1,9 @@
 """Create what lives as long as the process (torch, open_clip, a loaded model) out of the collector's way.
 
-Importing torch and open_clip creates about 420,000 objects that are never freed, and loading a model adds
-more. While they are being created, the cyclic collector's full pass over everything runs again and
-again: about a quarter of an embed actor's start (importing the embed stage and building it with the tiny
-model took 4.3-4.5 s, 3.3 s with this, here); afterwards each full pass still takes 0.3 s. So such
-blocks run with the collector paused, and what they created is then frozen (``gc.freeze``): not walked
+Importing torch and open_clip creates hundreds of thousands of objects that are never freed, and
+loading a model adds more. While they are being created, the cyclic collector's full pass over everything
+runs again and again, a large share of an embed actor's start; afterwards each full pass still walks all
+of them. So such blocks run with the collector paused, and what they created is then frozen (``gc.freeze``): not walked
 again until the process exits.
 
 Used where a process first imports torch (the embed stage in actors, the model loader in the driver,

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import InputError
 from pipeline.io import units
 from pipeline.io.commits import DataFile, UnitCommitter, data_file_name
-from pipeline.io.delta import delta_compatible
+from pipeline.io.delta import delta_compatible, file_stats
 from pipeline.io.lease import Lease
 from pipeline.io.storage import filesystem, join, read_json
 
@@ -57,7 +57,7 @@ def migrate(output: str, storage_options: Mapping[str, Any] | None = None, run_i
                 fs.makedirs(join(root, name).rsplit("/", 1)[0], exist_ok=True)
                 pq.write_table(table, join(root, name), filesystem=fs, row_group_size=8192, compression="zstd")
                 files.append(DataFile(name, entry["band"], table.num_rows, int(fs.size(join(root, name))),
-                                      {"numRecords": table.num_rows}))
+                                      file_stats(table)))
                 schema = table.schema
             record = {**manifest, "files": [{"path": f.path, "band": f.band, "rows": f.rows} for f in files],
                       "migrated_from": units.EARLIER_MANIFESTS}

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from pipeline.config import ScoreConfig
-from pipeline.io.units import read_facts
 from pipeline.io.shards import Shard, WorkUnit, plan_units
+from pipeline.io.units import read_facts
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The driver's Ray: the cluster in RAY_ADDRESS, or a local one that listens on 127.0.0.1 only."""
+"""The driver's Ray: the cluster in RAY_ADDRESS (or at an address given), or a local one that listens on
+127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -16,6 +17,16 @@ def ensure_ray() -> None:
         ray.init(log_to_driver=True)
     else:
         start_local_ray(log_to_driver=True)
+
+
+def connect_ray(ray_address: str | None) -> None:
+    """The cluster at ``ray_address``, or the job's usual choice (RAY_ADDRESS, else a loopback-only local Ray)."""
+    if ray.is_initialized():
+        return
+    if ray_address:
+        ray.init(address=ray_address, log_to_driver=False)
+    else:
+        ensure_ray()
 
 
 def start_local_ray(**init_kwargs: Any) -> None:

@@ -22,11 +22,11 @@ from pipeline.config import ScoreConfig
 from pipeline.cutoffs import CutoffTable, write_cutoffs
 from pipeline.errors import OutputError
 from pipeline.io import layout
+from pipeline.io import units as unit_table
+from pipeline.io.commits import UnitCommitter
 from pipeline.io.lease import Lease
 from pipeline.io.shards import WorkUnit
 from pipeline.io.storage import filesystem, join, write_json_atomic
-from pipeline.io import units as unit_table
-from pipeline.io.commits import UnitCommitter
 from pipeline.io.writer import commit_unit
 from pipeline.planning import model_key, plan_run, run_identity
 from pipeline.preflight import PreparedRun, prepare_run

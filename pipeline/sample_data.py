@@ -418,15 +418,14 @@ def _download_in_process(
 
     Same Reader, Resizer, Downloader and WebDatasetSampleWriter, so the same tars, sidecars and
     stats; the pool and the logger are spawned processes that each import img2dataset (torch,
-    cv2, albumentations, wandb: ~7 s apiece), which is most of the cost of a small build.
+    cv2, albumentations, wandb: seconds apiece), which is most of the cost of a small build.
     """
+    import fsspec
     from img2dataset.downloader import Downloader
     from img2dataset.main import arguments_validator
     from img2dataset.reader import Reader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
-
-    import fsspec
 
     # download() checks this first: an additional column named key/status/... would shadow its own.
     arguments_validator({"compute_hash": "sha256", "verify_hash": None, "save_additional_columns": additional_columns})
@@ -479,7 +478,7 @@ def build_shards(
     ``image_size``, never upscaling (tiny images stay tiny), JPEG re-encode at quality 95.
     ``in_process=True`` runs img2dataset's own reader, downloader and writer in this process;
     ``False`` calls ``img2dataset.download`` as production does, with ``processes_count`` spawned
-    workers and a logger process, each of which first imports img2dataset (~7 s here, more when
+    workers and a logger process, each of which first imports img2dataset (seconds each, more when
     they import at once). Spawned workers re-import the caller's ``__main__``: a script calling
     this with ``in_process=False`` needs an ``if __name__ == "__main__":`` guard.
     """

@@ -29,7 +29,6 @@ class Status(str, enum.Enum):
     SCORE_ERROR = "score_error"  # the model produced no finite score for this row
 
 
-FAILURE_STATUSES = tuple(s.value for s in Status if s is not Status.OK)
 # The key of the one row that stands for a shard with no readable samples and no sidecar.
 SHARD_ROW_KEY = ""
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from pipeline.io import layout
-from pipeline.io.units import read_facts
-from pipeline.io.shards import plan_units, list_shards
+from pipeline.io.shards import list_shards, plan_units
 from pipeline.io.storage import filesystem, join, read_json
+from pipeline.io.units import read_facts
 from pipeline.planning import STALE, committed_shards_per_unit, pending_reason
 
 

@@ -43,14 +43,13 @@ from typing import Any, Iterable, Mapping, Sequence, TextIO
 
 import yaml
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, is_credential_option
 from pipeline.errors import ExitCode, UnreachableError
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_ENV_FILE = Path("cluster") / "runtime_env.yaml"
-REQUIREMENTS_FILE = Path("cluster") / "requirements.txt"
 
 
 # Always left out of the upload, on top of what cluster/runtime_env.yaml lists.
@@ -67,8 +66,6 @@ AWS_ALLOWED = frozenset({"AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
 # not TOKENIZERS_PARALLELISM or DBUS_SESSION_BUS_ADDRESS).
 _SECRET_WORD = re.compile(
     r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|PASS|CREDENTIALS?|PRIVATE|KEY|APIKEY|ACCESSKEY|SAS)($|_)", re.I)
-_SECRET_OPTION = re.compile(r"^(key|secret|token|password|aws_access_key_id|aws_secret_access_key|"
-                            r"aws_session_token|access_key|secret_key|session_token|account_key|sas_token)$", re.I)
 _ACCESS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b")
 _URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@", re.I)
 _MIN_SECRET_LENGTH = 8  # shorter values match too much by accident
@@ -128,10 +125,10 @@ def check_args(args: Sequence[str], environ: Mapping[str, str] | None = None) ->
             raise SubmitError(f"refusing argument {position + 1}: a URL with a password in it")
         key, sep, _ = arg.partition("=")
         previous = args[position - 1] if position else ""
-        if sep and previous in ("--storage-option",) and _SECRET_OPTION.match(key):
+        if sep and previous in ("--storage-option",) and is_credential_option(key):
             raise SubmitError(f"refusing --storage-option {key}=...: credentials come from the nodes' "
                               "environment or roles")
-        if arg.startswith("--storage-option=") and _SECRET_OPTION.match(arg.split("=", 2)[1]):
+        if arg.startswith("--storage-option=") and is_credential_option(arg.split("=", 2)[1]):
             raise SubmitError("refusing a credential in --storage-option")
 
 

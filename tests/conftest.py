@@ -1,7 +1,8 @@
 """Shared fixtures: a sample dataset built by img2dataset, and a local S3 (moto_server) on 127.0.0.1.
 
 Tests that use these fixtures are marked ``integration`` automatically, so
-``pytest -m "not integration"`` runs only the tests that need no img2dataset, server or Ray.
+``pytest -m "not integration"`` runs only the tests that need no img2dataset, server or Ray. Tests marked
+``gpu`` are skipped, with the reason, where torch sees no CUDA device.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_items:  # torch is imported only when a collected test needs a GPU
+        import torch
+
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(reason=f"needs a CUDA GPU: torch {torch.__version__} sees none "
+                                           f"(torch.cuda.is_available() is False)")
+            for item in gpu_items:
+                item.add_marker(skip)
 
 
 # Sample dataset ------------------------------------------------------------------------------
@@ -45,7 +55,7 @@ SAMPLE_IMAGES_PER_SHARD = 10  # -> 3 shards of 10, 10 and 8 URLs
 
 @pytest.fixture(scope="session")
 def sample_dataset(tmp_path_factory: pytest.TempPathFactory):
-    """24 photos + 3 404s + 1 text body, through img2dataset into 3 local shards (~2 s, + imports)."""
+    """24 photos + 3 404s + 1 text body, through img2dataset into 3 local shards."""
     from pipeline.sample_data import build_sample_dataset
 
     return build_sample_dataset(

@@ -1,7 +1,16 @@
 import pytest
 
-from pipeline.config import (DEFAULT_HEAD, KNOWN_HEADS, ConfigError, ModelConfig, ResourcesConfig, ScoreConfig,
-                             WeightsSpec, config_from_mapping)
+from pipeline.config import (
+    CREDENTIAL_OPTIONS,
+    DEFAULT_HEAD,
+    KNOWN_HEADS,
+    ConfigError,
+    ModelConfig,
+    ResourcesConfig,
+    ScoreConfig,
+    WeightsSpec,
+    config_from_mapping,
+)
 
 
 def test_defaults_are_the_laion_v2_setup():
@@ -25,6 +34,14 @@ def test_defaults_are_the_laion_v2_setup():
 def test_bad_values_are_rejected_with_the_field_named(build, message):
     with pytest.raises(ConfigError, match=message):
         build()
+
+
+@pytest.mark.parametrize("name", sorted(CREDENTIAL_OPTIONS))
+def test_every_credential_option_is_refused_in_any_case(name):
+    for spelling in (name, name.upper()):
+        with pytest.raises(ConfigError, match="credentials"):
+            ScoreConfig(input=("i",), output="o", storage_options={spelling: "x"})
+    ScoreConfig(input=("i",), output="o", storage_options={"endpoint_url": "http://127.0.0.1:9000"})
 
 
 def test_a_mapping_builds_nested_config_and_rejects_unknown_keys():

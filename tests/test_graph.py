@@ -12,10 +12,12 @@ from pipeline.io.shards import Shard, WorkUnit
 SHARD = Shard(name="/data/00000.tar", tar="/data/00000.tar", sidecar="/data/00000.parquet", size=1, etag="1")
 
 
-def embed_stage(resources: ResourcesConfig):
-    """The EmbedScore operator of a job's (lazy) dataset."""
+def embed_stage(resources: ResourcesConfig, shards: int = 1):
+    """The EmbedScore operator of a job's (lazy) dataset over ``shards`` shards."""
     config = ScoreConfig(input=("/data",), output="/out", resources=resources)
-    op = build_dataset(config, [WorkUnit("u0", (SHARD,))], run_id="r")._logical_plan.dag
+    units = [WorkUnit(f"u{i}", (Shard(name=f"/data/{i:05d}.tar", tar=f"/data/{i:05d}.tar", sidecar=None, size=1,
+                                      etag="1"),)) for i in range(shards)]
+    op = build_dataset(config, units, run_id="r")._logical_plan.dag
     while "EmbedScore" not in op.name:
         (op,) = op.input_dependencies
     return op
@@ -61,3 +63,11 @@ def test_a_gpu_actor_keeps_rays_threads_and_openmp_settings(ray_local):
     stage = embed_stage(ResourcesConfig(gpus_per_actor=1, cpu_threads_per_actor=3))
     assert stage.fn_constructor_kwargs["torch_threads"] is None
     assert "runtime_env" not in stage.ray_remote_args and stage.ray_remote_args["num_gpus"] == 1
+
+
+@pytest.mark.parametrize("gpus, shards, initial", [(1, 100, 8), (1, 3, 3), (0, 100, 2)])
+def test_a_gpu_pool_starts_full_unless_the_backlog_is_smaller_and_a_cpu_pool_starts_at_its_minimum(
+        ray_local, gpus, shards, initial):
+    stage = embed_stage(ResourcesConfig(gpus_per_actor=gpus, min_actors=2, max_actors=8), shards)
+    pool = stage.compute
+    assert (pool.min_size, pool.max_size, pool.initial_size) == (2, 8, initial)

@@ -19,18 +19,18 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms.functional import _compute_resized_output_size
 
 from pipeline.images import (
+    _ORIENTATIONS,
+    _UPRIGHT_ARRAY,
     DRAFT_MARGIN,
     EXACT_MAX_LEVEL_DIFFERENCE,
     FAST_MAX_LEVEL_DIFFERENCE,
     FAST_MAX_OFF_BY_ONE,
     FAST_MAX_OFF_BY_ONE_PER_IMAGE,
     FAST_MAX_OFF_BY_TWO,
-    _ORIENTATIONS,
-    _UPRIGHT_ARRAY,
-    _resize_and_crop,
     MAX_EXACT_RESIZE_CROPS,
     MAX_FAST_RESIZE_CROPS,
     ImageRejected,
+    _resize_and_crop,
     _resize_box,
     center_crop_box,
     dct_reduction,

@@ -100,7 +100,10 @@ def test_output_and_input_may_not_overlap(tmp_path, inputs, output, overlaps):
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "00000.tar").write_bytes(b"")
     root = str(tmp_path)
-    check = lambda: check_output_location(output.format(root=root), [i.format(root=root) for i in inputs], {})
+
+    def check() -> None:
+        check_output_location(output.format(root=root), [i.format(root=root) for i in inputs], {})
+
     if overlaps:
         with pytest.raises(OutputError, match="overlap"):
             check()

@@ -318,7 +318,7 @@ def _shard_contents(folder) -> dict[str, object]:
     return contents
 
 
-@pytest.mark.integration  # runs img2dataset twice, once with its own worker processes (~10 s)
+@pytest.mark.integration  # runs img2dataset twice, once with its own worker processes
 def test_in_process_build_matches_img2dataset_download(tmp_path):
     """in_process=True runs the same img2dataset code as download() minus its process pool."""
     photos = make_photos(tmp_path / "photos", n_variants=2, subjects=["chelsea", "coins", "rocket"])

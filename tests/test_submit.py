@@ -21,6 +21,7 @@ import pytest
 
 from pipeline import cli
 from pipeline import submit as S
+from pipeline.config import CREDENTIAL_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 CANARY = "sekret-canary-123"
@@ -66,6 +67,14 @@ def test_runtime_env_variables_that_are_credentials_are_refused():
 def test_arguments_that_carry_credentials_are_refused(args, why):
     with pytest.raises(S.SubmitError, match=why):
         S.check_args(args, environ={"AWS_SECRET_ACCESS_KEY": CANARY})
+
+
+@pytest.mark.parametrize("name", sorted(CREDENTIAL_OPTIONS))
+def test_the_storage_options_a_config_refuses_are_refused_on_the_command_line(name):
+    """One list, pipeline.config's, for both: what a job's config refuses never reaches the cluster either."""
+    for args in (["--storage-option", f"{name}=abc"], [f"--storage-option={name.upper()}=abc"]):
+        with pytest.raises(S.SubmitError, match="storage-option"):
+            S.check_args(args, environ={})
 
 
 def test_ordinary_arguments_pass():

@@ -8,8 +8,16 @@
 """
 
 from pipeline.analysis.reading import (
-    BAND_RANGES, bands_at_least, committed_paths, duckdb_relation, fetch_image, fetch_images, open_scores,
-    read_units, score_filter, thumbnail,
+    BAND_RANGES,
+    bands_at_least,
+    committed_paths,
+    duckdb_relation,
+    fetch_image,
+    fetch_images,
+    open_scores,
+    read_units,
+    score_filter,
+    thumbnail,
 )
 
 __all__ = [

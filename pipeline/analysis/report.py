@@ -32,8 +32,8 @@ from pipeline import bands as band_labels
 from pipeline import schema as S
 from pipeline.analysis.reading import duckdb_relation, fetch_images, thumbnail
 from pipeline.cutoffs import CutoffTable, build_tables
-from pipeline.io.units import read_units
 from pipeline.io.storage import filesystem, write_bytes_atomic
+from pipeline.io.units import read_units
 
 log = logging.getLogger(__name__)
 

@@ -70,8 +70,8 @@ from pipeline import schema as S
 from pipeline.analysis.reading import fetch_images
 from pipeline.config import TINY_MODEL, ModelConfig
 from pipeline.io.delta import embeddings_of
-from pipeline.io.units import read_units
 from pipeline.io.storage import filesystem, full_uri, join, write_bytes_atomic
+from pipeline.io.units import read_units
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from typing import Any
 from pipeline.commands.options import add_storage_options
 from pipeline.errors import ExitCode
 
-
 SELECT_EXAMPLE = ('aesthetics select OUTPUT --query "a breathtaking travel photo of a scenic landscape" '
                   '--min-score 6 --top-k 100 --diverse --out travel/')
 

@@ -8,6 +8,11 @@ the two is harmless: the data commit also holds the unit's record (in its commit
 the unit table lacks from the data commits it has not seen. A crash before the data commit leaves files
 no snapshot lists, and the retry writes the same names again (``<unit>.v<version>.parquet``).
 
+After ``aesthetics optimize`` a unit's rows may share compacted files with other units. Its next version
+then replaces them by predicate (``unit = '<unit>'``) through delta-rs, still in one transaction with the
+same app transaction: the compacted files holding its rows are rewritten without them. Every file carries
+full column statistics, so the predicate reads only the files whose ``unit`` bounds include the unit.
+
 One committer per output at a time (the run's lease); its methods may be called from several threads.
 """
 
@@ -22,10 +27,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import bands
+from pipeline import schema as S
 from pipeline.io import units
 from pipeline.io.delta import add_missing_columns, open_table, storage_options_for, table_uri
+from pipeline.io.storage import filesystem, join
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +74,12 @@ class UnitCommitter:
         self._lock = threading.Lock()
         self._table = open_table(output, storage_options)
         self.roll_forward()
-        self._paths: dict[str, list[tuple[str, str]]] | None = None  # unit -> [(path, band)], read on first commit
+        self._snapshot: _Snapshot | None = None  # read on the first commit: a run with nothing to commit never pays
 
-    def _current_paths(self) -> dict[str, list[tuple[str, str]]]:
-        """Each unit's files in the current snapshot (read once: a run with nothing to commit never pays)."""
-        if self._paths is None:
-            self._paths = {}
-            if self._table is not None:
-                actions = pa.table(self._table.get_add_actions(flatten=True)).to_pydict()
-                bands_of = actions.get(f"partition.{bands.COLUMN}") or [None] * len(actions["path"])
-                for path, band in zip(actions["path"], bands_of):
-                    self._paths.setdefault(unit_of_path(path), []).append((path, band))
-        return self._paths
+    def _files(self) -> _Snapshot:
+        if self._snapshot is None:
+            self._snapshot = _Snapshot.of(self._table)
+        return self._snapshot
 
     # -- recovery -------------------------------------------------------------------------------------
     def roll_forward(self) -> int:
@@ -137,14 +139,63 @@ class UnitCommitter:
                 if (self._table.transaction_version(unit_id) or 0) >= version:
                     return self._table.version()  # committed already: a retry after a lost answer
                 add_missing_columns(self._table, full_schema)
-                removes = [RemoveAction(path, True, now_ms, None, {bands.COLUMN: band})
-                           for path, band in self._current_paths().get(unit_id, [])
-                           if path not in {f.path for f in files}]
-                self._table.create_write_transaction(adds + removes, mode="append", schema=self._table.schema(),
-                                                     partition_by=[bands.COLUMN], commit_properties=properties)
+                if self._files().shared_with(unit_id):
+                    self._replace_by_predicate(unit_id, files, full_schema, properties)
+                else:
+                    removes = [RemoveAction(path, True, now_ms, None, {bands.COLUMN: band})
+                               for path, band in self._files().own.get(unit_id, [])
+                               if path not in {f.path for f in files}]
+                    self._table.create_write_transaction(adds + removes, mode="append", schema=self._table.schema(),
+                                                         partition_by=[bands.COLUMN], commit_properties=properties)
+                    self._files().own[unit_id] = [(f.path, f.band) for f in files]
                 self._table.update_incremental()
             data_version = self._table.version()
-            self._current_paths()[unit_id] = [(f.path, f.band) for f in files]
             units.append(self.output, [units.to_row(record, version, data_version)], self.storage_options,
                          [(unit_id, version)])
             return data_version
+
+    def _replace_by_predicate(self, unit_id: str, files: Sequence[DataFile], schema: pa.Schema,
+                              properties: Any) -> None:
+        """Replace the unit's rows where they share compacted files with other units: delta-rs rewrites
+        those files without them and adds the new rows, in one transaction. The new rows are read back from
+        the unit's written files, which are then left to vacuum."""
+        from deltalake import write_deltalake
+
+        fs, root = filesystem(self.output, self.storage_options)
+        parts = [pq.read_table(join(root, f.path), filesystem=fs).append_column(
+                     bands.COLUMN, pa.array([f.band] * f.rows, pa.string())) for f in files]
+        rows = pa.concat_tables(parts, promote_options="permissive").cast(schema) if parts else schema.empty_table()
+        quoted = unit_id.replace("'", "''")
+        write_deltalake(self._table, rows, mode="overwrite", predicate=f"{S.UNIT} = '{quoted}'",
+                        partition_by=[bands.COLUMN], commit_properties=properties)
+        self._snapshot = None  # the rewritten files have new names; read the snapshot again when next needed
+
+
+@dataclass
+class _Snapshot:
+    """The data files of a snapshot: each unit's own files, and the compacted files units share."""
+
+    own: dict[str, list[tuple[str, str]]]  # unit -> [(path, band)] of its <unit>.v<version>.parquet files
+    shared: list[tuple[str | None, str | None]]  # (lowest, highest) unit in each compacted file
+
+    @classmethod
+    def of(cls, table: Any) -> "_Snapshot":
+        own: dict[str, list[tuple[str, str]]] = {}
+        shared: list[tuple[str | None, str | None]] = []
+        if table is None:
+            return cls(own, shared)
+        actions = pa.table(table.get_add_actions(flatten=True)).to_pydict()
+        count = len(actions["path"])
+        bands_of = actions.get(f"partition.{bands.COLUMN}") or [None] * count
+        lows = actions.get(f"min.{S.UNIT}") or [None] * count
+        highs = actions.get(f"max.{S.UNIT}") or [None] * count
+        for path, band, low, high in zip(actions["path"], bands_of, lows, highs):
+            if _VERSIONED_NAME.match(path.rsplit("/", 1)[-1]):
+                own.setdefault(unit_of_path(path), []).append((path, band))
+            else:
+                shared.append((low, high))
+        return cls(own, shared)
+
+    def shared_with(self, unit_id: str) -> bool:
+        """Whether a compacted file may hold rows of the unit (a file without bounds may hold any)."""
+        return any(low is None or high is None or low <= unit_id <= high for low, high in self.shared)

@@ -12,11 +12,13 @@ back: the low mantissa bits are all zero). Every engine reads it as a float arra
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import schema as S
 from pipeline.io.storage import s3_options
@@ -69,6 +71,47 @@ def open_table(uri: str, storage_options: Mapping[str, Any] | None = None):
         return DeltaTable(table_uri(uri), storage_options=storage_options_for(uri, storage_options))
     except TableNotFoundError:
         return None
+
+
+STATS_STRING_PREFIX = 64  # delta-rs's own cut: longer strings keep a prefix, a cut maximum is rounded up
+
+
+def file_stats(table: pa.Table) -> dict[str, Any]:
+    """The Delta statistics of a data file holding ``table``: its row count, and the null count and bounds of
+    every column that has an order.
+
+    Every such column, not a chosen few: delta-rs's pyarrow dataset reads a column missing from a file's
+    bounds as all null, and drops the file from any filter on that column."""
+    mins: dict[str, Any] = {}
+    maxs: dict[str, Any] = {}
+    nulls: dict[str, int] = {}
+    for field in table.schema:
+        column = table[field.name]
+        nulls[field.name] = column.null_count
+        if pa.types.is_nested(field.type):
+            continue
+        low, high = pc.min_max(column).values()
+        low, high = low.as_py(), high.as_py()
+        if low is None or (isinstance(low, float) and (math.isnan(low) or math.isnan(high))):
+            continue  # all null: no bounds is what delta-rs reads as all null, and it is
+        if isinstance(low, str):
+            low, high = low[:STATS_STRING_PREFIX], _rounded_up_prefix(high)
+        mins[field.name], maxs[field.name] = low, high
+    return {"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
+
+
+def _rounded_up_prefix(text: str) -> str:
+    """A string of at most STATS_STRING_PREFIX characters that sorts at or after ``text``."""
+    if len(text) <= STATS_STRING_PREFIX:
+        return text
+    cut = STATS_STRING_PREFIX - 1
+    for i in range(cut, -1, -1):  # the last character that can be raised; a raised one ends the bound
+        code = ord(text[i]) + 1
+        if 0xD800 <= code <= 0xDFFF:
+            code = 0xE000
+        if code <= 0x10FFFF:
+            return text[:i] + chr(code)
+    return text
 
 
 def committed_files(output: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:

@@ -141,12 +141,13 @@ def plan_units(shards: Iterable[Shard], shards_per_unit: int) -> list[WorkUnit]:
         folder_tag = hashlib.sha1(folder.encode()).hexdigest()[:8]
         label = "".join(c if c.isalnum() or c in "-_" else "_" for c in posixpath.basename(folder)) or "root"
         groups: dict[str, list[Shard]] = {}
-        named = sorted((s for s in members if not s.stem.isdigit()), key=lambda s: s.name)
+        named = sorted((s.name for s in members if not s.stem.isdigit()))
+        position = {name: i for i, name in enumerate(named)}
         for shard in members:
             if shard.stem.isdigit():
                 index = f"{int(shard.stem) // shards_per_unit:06d}"
             else:
-                index = f"n{named.index(shard) // shards_per_unit:06d}"
+                index = f"n{position[shard.name] // shards_per_unit:06d}"
             groups.setdefault(index, []).append(shard)
         for index, group in sorted(groups.items()):
             units.append(WorkUnit(f"{label}-{folder_tag}-{index}", tuple(sorted(group, key=lambda s: s.name))))

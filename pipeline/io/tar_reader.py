@@ -23,10 +23,6 @@ MAX_TEXT_BYTES = 1 << 20  # a caption member larger than this is cut, and the ro
 _KEY_AND_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset.tariterators.base_plus_ext
 
 
-class TarContentError(Exception):
-    """The bytes are not a readable tar; nothing a retry would change."""
-
-
 @dataclass
 class Sample:
     key: str

@@ -24,7 +24,7 @@ from pipeline import bands
 from pipeline import schema as S
 from pipeline.io import layout
 from pipeline.io.commits import DataFile, UnitCommitter, data_file_name
-from pipeline.io.delta import delta_compatible
+from pipeline.io.delta import delta_compatible, file_stats
 from pipeline.io.storage import filesystem, join
 
 log = logging.getLogger(__name__)
@@ -177,9 +177,7 @@ def commit_unit(committer: UnitCommitter, run_id: str, unit_id: str, shard_versi
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         part = table.take(pa.array(rows))
         pq.write_table(part, path, filesystem=fs, row_group_size=8192, compression="zstd")
-        # Row count only: delta-rs turns a file's min/max for some columns into null bounds for the others, which
-        # prune the file from any filter on those. Scores still prune by band, and by row group inside a file.
-        files.append(DataFile(name, band, int(rows.size), int(fs.size(path)), {"numRecords": int(rows.size)}))
+        files.append(DataFile(name, band, int(rows.size), int(fs.size(path)), file_stats(part)))
 
     statuses = table[S.STATUS].to_pylist()
     shards = []

@@ -55,6 +55,7 @@ class LoadedClip:
     device: torch.device
     precision: str  # the precision actually used (fp16 asked on CPU runs as fp32)
     input_dtype: torch.dtype  # what encode_image expects its pixels in
+    autocast_dtype: torch.dtype | None = None  # amp_bf16: fp32 weights, run under autocast to this
 
 
 def tiny_identity(seed: int) -> str:
@@ -158,6 +159,7 @@ def _loaded(name: str, model: torch.nn.Module, identity: str, device: torch.devi
         device=device,
         precision=precision,
         input_dtype=get_input_dtype(precision) or torch.float32,
+        autocast_dtype=torch.bfloat16 if precision == "amp_bf16" else None,
     )
 
 

@@ -12,6 +12,7 @@ prompt sets are embedded once in ``__init__`` with the text tower and each batch
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Mapping, Sequence
 
@@ -108,6 +109,13 @@ class EmbedScore:
         self._shift = (mean / std).view(1, 3, 1, 1).to(device)
         self._pinned: torch.Tensor | None = None  # reused host staging buffer for async copies to CUDA
 
+        self._memory_format = torch.channels_last if model.channels_last else torch.contiguous_format
+        if model.channels_last:
+            self.clip.model.visual.to(memory_format=torch.channels_last)
+        self._autocast = self.clip.autocast_dtype
+        self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = (
+            torch.compile(self.clip.model.encode_image) if model.compile else None)
+
     # -- the hot path ------------------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = schema.restore_null_text(dict(batch))
@@ -191,10 +199,16 @@ class EmbedScore:
     def _embed_and_score(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """(K, S, S, 3) uint8 on the device -> (K, H + P) float32 scores (heads, then prompt sets) and, if
         kept, (K, D) fp16 unit embeddings."""
+        count = len(pixels)
         with torch.inference_mode():
             images = pixels.permute(0, 3, 1, 2).float()  # NHWC -> NCHW view, then cast
             images = images.mul_(self._scale).sub_(self._shift).to(self.clip.input_dtype)
-            features = self.clip.model.encode_image(images).float()
+            if self._compiled is not None:
+                images = _padded(images, _bucket(count))
+            images = images.contiguous(memory_format=self._memory_format)
+            encode = self._compiled or self.clip.model.encode_image
+            with _autocast(self.clip.device, self._autocast):
+                features = encode(images)[:count].float()
             unit = F.normalize(features, dim=-1)
             row_scores = self.head_bank.score_matrix(unit)
             if self.prompt_bank is not None:
@@ -202,3 +216,19 @@ class EmbedScore:
             row_scores = row_scores.cpu().numpy()
             row_embeddings = unit.half().cpu().numpy() if self.write_embeddings else None
         return row_scores, row_embeddings
+
+
+def _bucket(count: int) -> int:
+    """The batch size a compiled model runs ``count`` images at: a power of two (at least 8), so that the
+    batches of a run, whose sizes vary with their failed rows, compile a handful of shapes, not one each."""
+    return max(8, 1 << (count - 1).bit_length())
+
+
+def _padded(images: torch.Tensor, size: int) -> torch.Tensor:
+    if len(images) == size:
+        return images
+    return torch.cat([images, images.new_zeros((size - len(images),) + tuple(images.shape[1:]))])
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

@@ -2,7 +2,7 @@
 
 Ray pickles a function by reference, so a task worker imports the function's module. Keeping these
 out of graph.py (which imports the embed stage, hence torch and open_clip) keeps the task workers from
-loading open_clip and the model. Decoding loads torch (about 550 MiB) for its resize kernel, on the first
+loading open_clip and the model. Decoding loads torch (hundreds of MiB) for its resize kernel, on the first
 image it resizes; a worker that only reads or stages never does.
 """
 

@@ -26,7 +26,6 @@ from pipeline.models.weights import resolve_weights
 from pipeline.training.scored import JOIN_KEY, embedding_matrix, join_columns, join_keys, read_scored
 
 CANDIDATE_POOL_FACTOR = 10  # candidates examined per pick when skipping near-duplicates
-SHEET_COLUMNS = ("key", "score", "margin", "label")
 IMAGE_KEY = "image_key"  # the scored key, in sheets keyed by another join value
 
 

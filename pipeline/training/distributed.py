@@ -49,8 +49,16 @@ import pyarrow.parquet as pq
 from pipeline import schema
 from pipeline.config import ConfigError
 from pipeline.training.labels import AVA_VOTE_BINS, LabelTable
-from pipeline.training.scored import (JOIN_KEY, ScoredDataError, data_files, embedding_matrix, embedding_width,
-                                      is_embedding_type, join_columns, join_keys)
+from pipeline.training.scored import (
+    JOIN_KEY,
+    ScoredDataError,
+    data_files,
+    embedding_matrix,
+    embedding_width,
+    is_embedding_type,
+    join_columns,
+    join_keys,
+)
 from pipeline.training.splits import SPLIT_NAMES, TEST, TRAIN, VALIDATION, split_assignments
 
 if TYPE_CHECKING:
@@ -424,20 +432,6 @@ def evaluate_splits(rows: LabelledRows, trained: TrainedHead, splits: tuple[int,
     return metrics
 
 
-def connect_ray(ray_address: str | None) -> None:
-    """The cluster at ``ray_address``, or the job's usual choice (RAY_ADDRESS, else a loopback-only local Ray)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if ray_address:
-        ray.init(address=ray_address, log_to_driver=False)
-    else:
-        from pipeline.ray_session import ensure_ray
-
-        ensure_ray()
-
-
 def _use_gpu(device: str) -> bool:
     if device == "auto":
         import ray
@@ -464,8 +458,17 @@ def train_distributed(scores: str, labels: LabelTable, config: TrainConfig | Non
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.training.train_head import (TrainConfig, TrainedHead, check_loss, check_split_rows,
-                                              conditioned_head, floored_scale, output_conditioning, resolve_loss)
+    from pipeline.ray_session import connect_ray
+    from pipeline.training.train_head import (
+        TrainConfig,
+        TrainedHead,
+        check_loss,
+        check_split_rows,
+        conditioned_head,
+        floored_scale,
+        output_conditioning,
+        resolve_loss,
+    )
 
     started = time.monotonic()
     if workers < 1:

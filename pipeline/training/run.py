@@ -8,14 +8,20 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-
 from pipeline import schema
 from pipeline.config import ConfigError
 from pipeline.training.active import label_sheet, nearest_to_boundary, sheet_extras, sheet_keys, write_label_sheet
 from pipeline.training.labels import LabelKind, LabelTable, read_labels
 from pipeline.training.scored import JOIN_KEY, align, embedding_matrix, join_columns, join_keys, read_scored
-from pipeline.training.train_head import (TrainConfig, TrainedHead, TrainingSet, config_grid, record_path_for,
-                                          save_head, train_many)
+from pipeline.training.train_head import (
+    TrainConfig,
+    TrainedHead,
+    TrainingSet,
+    config_grid,
+    record_path_for,
+    save_head,
+    train_many,
+)
 
 log = logging.getLogger(__name__)
 

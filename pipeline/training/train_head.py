@@ -514,7 +514,7 @@ def train_many(data: TrainingSet, configs: Sequence[TrainConfig], use_ray: bool 
     if use_ray:
         import ray
 
-        from pipeline.training.distributed import connect_ray
+        from pipeline.ray_session import connect_ray
 
         connect_ray(ray_address)
         data_ref = ray.put(data)

@@ -1,5 +1,5 @@
-"""Issue 6 end to end: img2dataset shards scored once on a local Ray, then read, reported, selected
-(and issue 7's prompt and quality columns written by the same job).
+"""Analysis end to end: img2dataset shards scored once on a local Ray, then read, reported, selected
+(and the prompt and quality columns the same job writes).
 
 One scored output (tiny-random CLIP, embeddings written) is shared by every test in this module.
 """
@@ -21,7 +21,12 @@ import pytest
 from pipeline import schema as S
 from pipeline.analysis import duckdb_relation, fetch_image, open_scores, score_filter
 from pipeline.analysis.select import (
-    MissingEmbeddings, SelectOptions, embed_query, mean_pairwise_distance, read_selection, select_images,
+    MissingEmbeddings,
+    SelectOptions,
+    embed_query,
+    mean_pairwise_distance,
+    read_selection,
+    select_images,
 )
 from pipeline.config import DecodeConfig, HeadSpec, ModelConfig, ResourcesConfig, ScoreConfig, WeightsSpec
 from pipeline.demo import v2_head_or_stand_in
@@ -289,7 +294,7 @@ def test_selection_without_embeddings_says_how_to_get_them(scored, tmp_path, que
 
 
 
-# Issue 7's extra columns through the real job ----------------------------------------------------------
+# Prompt and quality columns through the real job -----------------------------------------------------
 
 
 def test_prompt_scores_and_quality_metrics_are_written_by_the_job(sample_dataset, ray_local, tmp_path):

@@ -10,7 +10,13 @@ import pytest
 from pipeline import schema as S
 from pipeline.analysis.reading import bands_at_least, score_filter
 from pipeline.analysis.select import (
-    SelectionError, SelectOptions, _same_model, centred_unit, mean_pairwise_distance, mmr, model_config_from_key,
+    SelectionError,
+    SelectOptions,
+    _same_model,
+    centred_unit,
+    mean_pairwise_distance,
+    mmr,
+    model_config_from_key,
     model_config_of,
 )
 

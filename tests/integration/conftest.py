@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.config import DecodeConfig, HeadSpec, ModelConfig, ResourcesConfig, ScoreConfig
 
+
 @dataclass(frozen=True)
 class Scoring:
     heads: tuple[HeadSpec, ...]

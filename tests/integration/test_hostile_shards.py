@@ -1,4 +1,4 @@
-"""Issue 3: a corpus of hostile shards. The job finishes, every row says what happened to it,
+"""A corpus of hostile shards. The job finishes, every row says what happened to it,
 unreadable shards are named by a row of their own, and nothing is written outside the output."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 
 from pipeline import schema as S
 from pipeline.io.delta import committed_files
-from pipeline.io.units import read_units
 from pipeline.io.tar_reader import IMAGE_EXTENSIONS, MAX_TEXT_BYTES
+from pipeline.io.units import read_units
 from pipeline.runner import run_score
-from tests.hostile_images import hostile_corpus, photo, encode
+from tests.hostile_images import encode, hostile_corpus, photo
 from tests.tarfiles import make_sidecar, make_tar, sidecar_row
 
 pytestmark = pytest.mark.integration

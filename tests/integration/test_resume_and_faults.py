@@ -1,4 +1,4 @@
-"""Issue 3: nothing lost, nothing twice — a killed driver, a killed actor, shards that arrive later."""
+"""Resuming: nothing lost, nothing twice — a killed driver, a killed actor, shards that arrive later."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-from ray import cloudpickle
 import pyarrow.dataset as pads
 import pytest
 import torch
+from ray import cloudpickle
 
 from pipeline import schema as S
+from pipeline.cutoffs import build_tables
 from pipeline.io.delta import committed_files
-from pipeline.io.units import read_units
+from pipeline.io.units import read_facts, read_units
 from pipeline.runner import run_score
 from pipeline.status import unit_status
 
@@ -94,6 +95,39 @@ def test_a_driver_killed_mid_run_resumes_and_every_key_lands_once(nine_shards, s
     assert not (Path(output) / "_staging").exists() or not any((Path(output) / "_staging").iterdir())
 
 
+def test_a_driver_killed_between_the_data_and_the_unit_commit_leaves_every_key_once(nine_shards, scoring,
+                                                                                     ray_local, tmp_path):
+    output = str(tmp_path / "scores")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = _score_command(nine_shards.shards_dir, output, scoring)
+    command[1:3] = ["-m", "tests.integration.killed_between_commits"]
+    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        log, _ = driver.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # whatever of the local Ray outlived its driver
+        except ProcessLookupError:
+            pass
+    assert driver.returncode == -signal.SIGKILL, log.decode(errors="replace")[-2000:]
+    visible = _keys(output)
+    assert visible and not os.path.exists(os.path.join(output, "_units")), "one unit's rows, and no unit row yet"
+
+    rerun = run_score(scoring.config(nine_shards.shards_dir, output))
+    records = read_units(output)
+    assert len(records) == 9 and rerun.units_done_before == 1 and len(rerun.units_committed) == 8
+    assert len([r for r in records.values() if r["run_id"] != rerun.run_id]) == 1, "the killed run's unit, rolled forward"
+    keys = _keys(output)
+    assert len(keys) == len(set(keys)) and sorted(k for _, k in keys) == nine_shards.all_keys
+    assert unit_status(output).pending == {}
+    table = pads.dataset(committed_files(output), format="parquet").to_table(columns=[S.AESTHETIC_SCORE])
+    scores = [s for s in table[S.AESTHETIC_SCORE].to_pylist() if s is not None]
+    (cutoffs,) = build_tables(read_facts(output).values())
+    assert [row.count for row in cutoffs.rows_by_threshold] == [sum(s >= t for s in scores)
+                                                                for t in S.LAION_THRESHOLDS]
+
+
 def test_nightly_scores_only_the_shards_that_arrived_since(nine_shards, scoring, ray_local, tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -152,6 +186,7 @@ def _loader_that_dies_once(model_config, heads, search_dirs, marker: str):
 
 def test_an_actor_killed_mid_batch_loses_and_duplicates_nothing(sample_dataset, scoring, ray_local, tmp_path):
     import functools
+
     import tests.integration.test_resume_and_faults as this_module
 
     cloudpickle.register_pickle_by_value(this_module)

@@ -1,4 +1,4 @@
-"""Issue 2 end to end: img2dataset shards in a local S3 server, scored on a local Ray."""
+"""Scoring end to end: img2dataset shards in a local S3 server, scored on a local Ray."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pipeline import schema as S
 from pipeline.cutoffs import LAION_PUBLISHED_COUNTS
 from pipeline.io import layout
 from pipeline.io.delta import committed_files
-from pipeline.io.units import read_units
 from pipeline.io.storage import filesystem, read_json
+from pipeline.io.units import read_units
 from pipeline.runner import run_score
 from tests.integration.conftest import rewrite_tar
 

@@ -1,4 +1,4 @@
-"""Issue 3.5: storage faults, injected by a proxy in front of the local S3 server.
+"""Storage faults, injected by a proxy in front of the local S3 server.
 
 Transient faults (throttling, 5xx, a dropped connection) are retried with backoff and cost nothing;
 a shard that stays unreadable fails its unit alone, is reported, and the next run redoes it.

@@ -14,7 +14,7 @@ import pytest
 from pipeline import bands
 from pipeline.io import units
 from pipeline.io.commits import DataFile, UnitCommitter, data_file_name
-from pipeline.io.delta import open_table
+from pipeline.io.delta import file_stats, open_table
 
 SCHEMA = pa.schema([("key", pa.string()), ("unit", pa.string()), ("aesthetic_score", pa.float32())])
 
@@ -32,10 +32,9 @@ def _write(root: Path, unit: str, version: int, scores: list[float], schema: pa.
             columns[extra] = pa.array([1.0] * len(chosen), pa.float32())
         path = data_file_name(unit, version, band)
         (root / path).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table(columns, schema=schema), root / path)
-        stats = {"numRecords": len(chosen), "minValues": {"aesthetic_score": min(chosen)},
-                 "maxValues": {"aesthetic_score": max(chosen)}, "nullCount": {"aesthetic_score": 0}}
-        files.append(DataFile(path, band, len(chosen), os.path.getsize(root / path), stats))
+        table = pa.table(columns, schema=schema)
+        pq.write_table(table, root / path)
+        files.append(DataFile(path, band, len(chosen), os.path.getsize(root / path), file_stats(table)))
     return files
 
 

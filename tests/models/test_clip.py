@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.models.clip import (
-    build_random_init_clip_for_benchmark,
-    load_clip,
-    pinned_clip_identity,
-    resolve_device,
-)
+from pipeline.models.clip import build_random_init_clip_for_benchmark, load_clip, pinned_clip_identity, resolve_device
 from pipeline.models.weights import WeightsChecksumMismatch, WeightsNotFound, sha256_of
-
 from tests.conftest import TEST_ARCH
 
 

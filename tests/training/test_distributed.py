@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.errors import ExitCode
 from pipeline.config import ConfigError, HeadSpec, WeightsSpec
+from pipeline.errors import ExitCode
 from pipeline.models.heads import HeadFormat, load_head_bank
 from pipeline.training import distributed
 from pipeline.training.labels import LabelKind, LabelTable
