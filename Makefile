@@ -40,6 +40,7 @@ test-fast: install
 bench: install
 	$(BIN)/python -m bench.bench_decode
 	$(BIN)/python -m bench.run_cpu
+	$(BIN)/python -m bench.bench_feed
 
 bench-scale: install
 	$(BIN)/python -m bench.bench_scale

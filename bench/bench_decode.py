@@ -192,6 +192,38 @@ def main() -> None:
                             f"(goal >= {GOAL_SPEEDUP}x, < 0.02): {'met' if met else 'MISSED'}")
     print()
     print("\n".join(verdicts))
+    print()
+    print(hash_costs(inputs[0]))
+
+
+def hash_costs(named_jpegs: tuple[str, list[bytes]]) -> str:
+    """What the hash columns cost beside the fast decode: image_sha256 (read stage, always) and phash
+    (decode stage, --phash), per image and as a share of the decode alone."""
+    import hashlib
+
+    name, jpegs = named_jpegs
+    count = len(jpegs)
+
+    def decode_with(phash: bool) -> Callable[[], None]:
+        decode = Decode(DecodeConfig(phash=phash))
+
+        def run() -> None:
+            for start in range(0, count, BATCH_ROWS):
+                rows = jpegs[start : start + BATCH_ROWS]
+                decode({S.IMAGE: _object_array(rows), S.STATUS: _object_array([S.Status.OK.value] * len(rows)),
+                        S.ERROR: _object_array([None] * len(rows))})
+        return run
+
+    def sha256_all() -> None:
+        for data in jpegs:
+            hashlib.sha256(data).hexdigest()
+
+    plain, _ = _best_rate(decode_with(False), count)
+    hashed, _ = _best_rate(decode_with(True), count)
+    sha_rate, _ = _best_rate(sha256_all, count)
+    decode_ms, phash_ms, sha_ms = 1e3 / plain, 1e3 / hashed - 1e3 / plain, 1e3 / sha_rate
+    return (f"hash columns on {name} ({count} images), per image: decode {decode_ms:.3f} ms; phash +{phash_ms:.3f} ms "
+            f"({phash_ms / decode_ms:.0%} of decode); image_sha256 {sha_ms:.4f} ms ({sha_ms / decode_ms:.1%} of decode)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ figures say by how much. For each rate it prints the accelerator's busy fraction
 from its first batch to its last), how often and how long it waited between batches (that time includes the
 stage's own host work, which a GPU waits for too), and end-to-end images/s. The embed actor asks for 0.25
 CPU, as a GPU actor holds little CPU; its pixels are normalised on the host here, on the device on a GPU.
+Each rate runs with the actor working on one batch at a time and on two (in threads, one of them holding
+the accelerator while the other is prepared: the job's default on a GPU).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import argparse
 import functools
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -57,13 +58,13 @@ def decode_rate_per_core(shards: Path, batch_size: int) -> float:
     return images / best
 
 
-def run_at(shards: Path, rate: float, batch_size: int, name: str) -> dict:
+def run_at(shards: Path, rate: float, batch_size: int, name: str, concurrent: int = 1) -> dict:
     from pipeline.runner import run_score
 
     config = make_config(str(shards), fresh_output(name), batch_size, cpus_per_actor=ACTOR_CPUS,
-                         min_actors=1, max_actors=1)
-    log = Path(tempfile.mkdtemp(prefix="accelerator-")) / "batches.log"
-    log.touch()
+                         min_actors=1, max_actors=1, concurrent_batches_per_actor=concurrent)
+    log = Path(f"{fresh_output(name)}-accelerator.log")
+    log.write_text("")
     loader = functools.partial(simulated_loader, config.model, config.heads, config.weights_dirs, rate, str(log))
     start = time.perf_counter()
     summary = run_score(config, embed_loader=loader)
@@ -79,9 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-shard", type=int, default=100)
     parser.add_argument("--image-size", type=int, default=256, help="img2dataset's short side, px")
     parser.add_argument("--copies", type=int, default=10, help="the timed input is this many copies of the shards")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 2.0],
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 2.0],
                         help="accelerator rates, as fractions of what the pipeline feeds a free accelerator")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--concurrent", type=int, nargs="+", default=[1, 2],
+                        help="batches the embed actor works on at once (2 is the job's default on a GPU)")
     args = parser.parse_args(argv)
 
     import ray
@@ -112,22 +115,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows, verdicts = [], []
     for fraction in args.fractions:
         rate = fraction * pipeline_capacity
-        print(f"accelerator at {rate:.0f} images/s ({fraction:g} x pipeline capacity) ...", flush=True)
-        result = run_at(timed, rate, args.batch_size, f"feed-{fraction:g}")
-        use = result["use"]
-        end_to_end = result["scored"] / result["seconds"]
-        rows.append([f"{fraction:g}x", f"{rate:.0f}", f"{use.images}", f"{result['seconds']:.1f}",
-                     f"{end_to_end:.0f}", f"{use.images / use.span_s:.0f}", f"{use.busy_fraction:.1%}",
-                     f"{use.starved_batches}/{use.batches}", f"{use.mean_wait_ms:.0f}", f"{use.p95_wait_ms:.0f}"])
-        if fraction <= 0.5:
-            verdicts.append(f"busy {use.busy_fraction:.1%} at {fraction:g}x pipeline capacity (goal >= {GOAL_BUSY:.0%}): "
-                            + ("met" if use.busy_fraction >= GOAL_BUSY else "MISSED"))
+        for concurrent in args.concurrent:
+            print(f"accelerator at {rate:.0f} images/s ({fraction:g} x pipeline capacity), {concurrent} batch(es) "
+                  f"at once in the actor ...", flush=True)
+            result = run_at(timed, rate, args.batch_size, f"feed-{fraction:g}-{concurrent}", concurrent)
+            use = result["use"]
+            end_to_end = result["scored"] / result["seconds"]
+            rows.append([f"{fraction:g}x", f"{rate:.0f}", f"{concurrent}", f"{use.images}", f"{result['seconds']:.1f}",
+                         f"{end_to_end:.0f}", f"{use.images / use.span_s:.0f}", f"{use.busy_fraction:.1%}",
+                         f"{use.starved_batches}/{use.batches}", f"{use.mean_wait_ms:.0f}", f"{use.p95_wait_ms:.0f}"])
+            if fraction <= 0.5:
+                verdicts.append(f"busy {use.busy_fraction:.1%} at {fraction:g}x pipeline capacity, {concurrent} "
+                                f"batch(es) at once (goal >= {GOAL_BUSY:.0%}): "
+                                + ("met" if use.busy_fraction >= GOAL_BUSY else "MISSED"))
     ray.shutdown()
 
     print()
     print(f"Keeping an accelerator fed ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"batch {args.batch_size}, {args.shards * args.copies} shards, embed actor {ACTOR_CPUS} CPU)")
-    print(text_table(["rate", "images/s set", "images", "wall s", "e2e images/s", "accelerator images/s",
+    print(text_table(["rate", "images/s set", "batches at once", "images", "wall s", "e2e images/s", "accelerator images/s",
                       "busy", "batches that waited", "mean wait ms", "p95 wait ms"], rows))
     for line in verdicts:
         print(line)

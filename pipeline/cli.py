@@ -70,6 +70,11 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", help="zero-shot prompt score columns: 'default' or a prompt-set YAML file")
     parser.add_argument("--exact-decode", action="store_true", default=None,
                         help="full-size decode (slower) instead of JPEG DCT downscaling")
+    parser.add_argument("--phash", action="store_true", default=None,
+                        help="a phash column: the 64-bit perceptual hash of the decoded pixels (imagehash)")
+    parser.add_argument("--exclude-hashes", metavar="FILE_OR_URI",
+                        help="hex MD5 or SHA-256 digests of image bytes or URLs, one per line (.gz too): "
+                             "matching rows get status 'excluded' and no score")
     parser.add_argument("--rescore", action="store_true", default=None,
                         help="redo units scored with another model or head")
     parser.add_argument("--dry-run", action="store_true",
@@ -109,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
         ("max_actors", resources, "max_actors"), ("gpus_per_actor", resources, "gpus_per_actor"),
         ("decode_cpus_per_actor", resources, "decode_cpus_per_actor"),
         ("decode_batch_size", decode, "batch_size"), ("quality_metrics", decode, "quality_metrics"),
+        ("phash", decode, "phash"),
     ]:
         if getattr(args, flag) is not None:
             target[name] = getattr(args, flag)
@@ -127,7 +133,7 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
         values["weights_dirs"] = args.weights_dir
     if args.shards_per_unit is not None:
         values["shards_per_unit"] = args.shards_per_unit
-    for flag in ("write_embeddings", "rescore", "prompts"):
+    for flag in ("write_embeddings", "rescore", "prompts", "exclude_hashes"):
         if getattr(args, flag) is not None:
             values[flag] = getattr(args, flag)
     if args.storage_option:

@@ -140,6 +140,7 @@ class DecodeConfig:
     apply_exif_orientation: bool = True
     batch_size: int = 256  # rows per decode task and block: one embed batch, fewer blocks for Ray to move
     quality_metrics: bool = False  # sharpness / exposure / contrast / colourfulness columns
+    phash: bool = False  # the phash column (imagehash.phash of the decoded pixels; about a decode's cost again)
 
     def __post_init__(self) -> None:
         _require(self.max_pixels > 0, f"max_pixels must be positive, got {self.max_pixels}")
@@ -158,6 +159,10 @@ class ResourcesConfig:
     max_actors: int = 1
     gpus_per_actor: float | None = None
     cpus_per_actor: float = 1.0
+    # Batches an embed actor works on at once, in threads: while one waits on the device the next is
+    # prepared on the host (Ray Data's batch conversion, the pinned copy), so the GPU does not idle between
+    # batches. None: 2 on a GPU, 1 on CPU (where the model itself needs the cores).
+    concurrent_batches_per_actor: int | None = None
     memory_per_actor_gb: float = 2.0  # host memory an embed actor holds (ViT-L/14 weights are 1.7 GB in fp32)
     decode_cpus: float = 1.0  # CPUs one decode task asks for
     decode_concurrency: int | None = None  # at most this many decode tasks at once (None: Ray decides)
@@ -186,7 +191,7 @@ class ResourcesConfig:
         _require(self.gpus_per_actor is None or self.gpus_per_actor >= 0, "gpus_per_actor must be >= 0")
         _require(self.cpus_per_actor >= 0 and self.decode_cpus > 0, "CPU requests must be positive")
         _require(self.memory_per_actor_gb > 0, "memory_per_actor_gb must be positive")
-        for name in ("decode_concurrency", "read_concurrency", "cpu_threads_per_actor"):
+        for name in ("decode_concurrency", "read_concurrency", "cpu_threads_per_actor", "concurrent_batches_per_actor"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"{name} must be >= 1, got {value}")
         _require(self.decode_cpus_per_actor is None or self.decode_cpus_per_actor >= self.decode_cpus,
@@ -216,6 +221,10 @@ class ScoreConfig:
     weights_dirs: tuple[str, ...] = ()  # folders (local or URI) searched for weight files first
     prompts: str | None = None  # zero-shot prompt sets: a YAML path, or "default" for the shipped ones
     rescore: bool = False  # redo units committed under another model or head identity
+    # Digests (hex MD5 or SHA-256 of image bytes or of URLs, one per line) whose rows get status `excluded`;
+    # the sha256 of the list file is pinned before the run and is part of the units' model key.
+    exclude_hashes: str | None = None
+    exclude_hashes_sha256: str | None = None
 
     def __post_init__(self) -> None:
         _require(len(self.input) > 0, "at least one --input is required")

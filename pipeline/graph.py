@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import ray
 
 from pipeline.config import ScoreConfig
+from pipeline.exclusions import Exclusions
 from pipeline.io.shards import WorkUnit
 from pipeline.models.clip import image_geometry
 from pipeline.models.prompts import load_prompt_sets
@@ -53,17 +54,20 @@ def embed_pool(config: ScoreConfig, shards: int, gpus: float) -> ray.data.ActorP
     """The embed actors. On GPUs the pool starts at its full size: growing from one actor, Ray Data adds
     actors only as their queues back up, each loading its model, while the GPUs already paid for sit idle.
     A run with fewer shards than actors (a nightly run on a small backlog) starts with one per shard. On CPU
-    the actors share cores with decode, so the pool starts at its minimum and Ray Data grows it."""
+    the actors share cores with decode, so the pool starts at its minimum and Ray Data grows it.
+    See ResourcesConfig.concurrent_batches_per_actor for the batches each actor works on at once."""
     resources = config.resources
     initial = resources.min_actors
     if gpus:
         initial = max(resources.min_actors, min(resources.max_actors, shards))
+    concurrent = resources.concurrent_batches_per_actor or (2 if gpus else 1)
     return ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors,
-                                      initial_size=initial)
+                                      initial_size=initial, max_concurrent_calls_per_actor=concurrent,
+                                      enable_true_multi_threading=concurrent > 1)
 
 
 def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
-                  embed_loader: Any = None) -> ray.data.Dataset:
+                  embed_loader: Any = None, exclusions: Exclusions | None = None) -> ray.data.Dataset:
     """The whole pipeline as one lazy Dataset of per-(unit, shard) stats rows."""
     resources = config.resources
     storage: dict[str, Any] = dict(config.storage_options)
@@ -78,7 +82,8 @@ def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one read task per shard
     ds.context.op_resource_reservation_enabled = resources.reserve_per_operator  # derived datasets copy it
     ds = ds.map_batches(
-        read_shard, fn_kwargs={"storage_options": storage, "rows_per_batch": config.decode.batch_size},
+        read_shard, fn_kwargs={"storage_options": storage, "rows_per_batch": config.decode.batch_size,
+                               "exclusions": exclusions},
         batch_size=1, batch_format="numpy", num_cpus=1, concurrency=resources.read_concurrency,
     )
     ds = ds.map_batches(

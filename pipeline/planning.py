@@ -26,7 +26,8 @@ def _digest(sha256: str | None) -> str:
 
 
 def model_key(config: ScoreConfig) -> str:
-    """What makes scores comparable: CLIP weights and precision, and the heads, each by sha256.
+    """What makes scores comparable: CLIP weights and precision, the heads, and the exclusion list if any,
+    each by sha256.
 
     ``config`` is a pinned one (see :mod:`pipeline.preflight`): its weights carry their digests."""
     model = config.model
@@ -35,7 +36,9 @@ def model_key(config: ScoreConfig) -> str:
     else:
         clip = f"{model.name}@{_digest(model.pretrained_sha256)}"
     heads = ",".join(f"{h.name}@{_digest(h.weights.sha256)}" for h in config.heads)
-    return f"{clip}/{model.precision}|{heads}"
+    # An exclusion list changes which rows are scored: units scored under another list are not comparable.
+    exclusions = f"|exclude@{_digest(config.exclude_hashes_sha256)}" if config.exclude_hashes else ""
+    return f"{clip}/{model.precision}|{heads}{exclusions}"
 
 
 def run_identity(config: ScoreConfig, shards_per_unit: int, requested_precision: str | None = None) -> dict[str, Any]:

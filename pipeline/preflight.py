@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from pipeline.config import KNOWN_HEADS, HeadSpec, ModelConfig, ScoreConfig, WeightsSpec
-from pipeline.errors import OutputError, WeightsError
+from pipeline.errors import InputError, OutputError, WeightsError
+from pipeline.exclusions import Exclusions, load_exclusions
 from pipeline.io.shards import Shard, list_shards
 from pipeline.io.storage import check_reachable, filesystem, full_uri, protocol_of
 from pipeline.io.units import refuse_earlier_layout
@@ -34,6 +35,7 @@ class PreparedRun:
     config: ScoreConfig  # weights pinned by sha256; model.device and model.precision as the actors run them
     requested_precision: str
     shards: tuple[Shard, ...]
+    exclusions: Exclusions | None = None  # the --exclude-hashes list, loaded (its sha256 pinned in config)
 
 
 def prepare_run(config: ScoreConfig, check_clip_weights: bool = True) -> PreparedRun:
@@ -46,7 +48,14 @@ def prepare_run(config: ScoreConfig, check_clip_weights: bool = True) -> Prepare
     shards = tuple(list_shards(config.input, config.storage_options))
     model = pin_model(config, check_clip_weights)
     heads = pin_heads(config, model)
-    return PreparedRun(config.replace(model=model, heads=heads), config.model.precision, shards)
+    exclusions = None
+    if config.exclude_hashes:
+        exclusions = load_exclusions(config.exclude_hashes, config.storage_options)
+        if config.exclude_hashes_sha256 not in (None, exclusions.sha256):
+            raise InputError(f"--exclude-hashes {config.exclude_hashes} has sha256 {exclusions.sha256}, not the "
+                             f"pinned {config.exclude_hashes_sha256}")
+        config = config.replace(exclude_hashes_sha256=exclusions.sha256)
+    return PreparedRun(config.replace(model=model, heads=heads), config.model.precision, shards, exclusions)
 
 
 # The output --------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def _remove_orphan_staging(config: ScoreConfig, run_id: str) -> None:
 
 def execute(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str, summary: RunSummary,
             identity: Mapping[str, Any], committer: UnitCommitter, embed_loader: Any = None,
-            on_commit: Callable[[dict[str, Any]], None] | None = None) -> None:
+            on_commit: Callable[[dict[str, Any]], None] | None = None, exclusions: Any = None) -> None:
     """Stream the pipeline; commit each unit the moment all its shards' rows have been staged."""
     from pipeline.graph import build_dataset  # imports the stages: keep `plan` and `status` light
 
@@ -96,7 +96,7 @@ def execute(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str, summary
     first_seen: dict[str, float] = {}
     commits: dict[str, Future] = {}
 
-    ds = build_dataset(config, units, run_id, embed_loader=embed_loader)
+    ds = build_dataset(config, units, run_id, embed_loader=embed_loader, exclusions=exclusions)
     # A commit is a few object-store reads and writes: driver threads do it while the stream goes
     # on, with no Ray worker to start and no CPU taken from decode.
     with ThreadPoolExecutor(max_workers=COMMIT_THREADS, thread_name_prefix="commit") as threads:
@@ -172,7 +172,8 @@ def run_prepared(prepared: PreparedRun, run_id: str | None = None, embed_loader:
         _remove_orphan_staging(config, run_id)
         if plan.pending:
             ensure_ray()
-            execute(config, plan.pending, run_id, summary, identity, committer, embed_loader=embed_loader)
+            execute(config, plan.pending, run_id, summary, identity, committer, embed_loader=embed_loader,
+                    exclusions=prepared.exclusions)
             if summary.units_committed:
                 unit_table.compact(config.output, config.storage_options)
         fs, root = filesystem(config.output, config.storage_options)

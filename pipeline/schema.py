@@ -27,6 +27,7 @@ class Status(str, enum.Enum):
     SHARD_ERROR = "shard_error"  # the tar itself is unreadable (not a tar, truncated, empty)
     STORAGE_ERROR = "storage_error"  # storage failed after retries: the unit is not committed, a rerun retries it
     SCORE_ERROR = "score_error"  # the model produced no finite score for this row
+    EXCLUDED = "excluded"  # its image bytes or URL are on the run's exclusion list (--exclude-hashes)
 
 
 # The key of the one row that stands for a shard with no readable samples and no sidecar.
@@ -40,6 +41,8 @@ MEMBER = "tar_member"  # name of the image member inside the tar
 OFFSET = "tar_offset"  # byte offset of the image member's data inside the tar
 SIZE = "tar_size"  # byte size of the image member's data
 IMAGE_FORMAT = "image_format"  # the member's extension: jpg, jpeg, png or webp
+IMAGE_SHA256 = "image_sha256"  # hex SHA-256 of the image member's bytes: exact duplicates share it
+PHASH = "phash"  # 64-bit perceptual hash of the decoded pixels (imagehash.phash), 16 hex digits; --phash
 IMAGE = "image"  # raw image bytes; dropped by the decode stage
 PIXELS = "pixels"  # uint8 (N, S, S, 3) after resize and crop; dropped by the embed stage
 URL = "url"
@@ -85,6 +88,8 @@ def output_schema(extra_score_columns: tuple[str, ...] = (), embedding_dim: int 
         pa.field(OFFSET, pa.int64()),
         pa.field(SIZE, pa.int64()),
         pa.field(IMAGE_FORMAT, pa.string()),
+        pa.field(IMAGE_SHA256, pa.string()),
+        pa.field(PHASH, pa.string()),
         pa.field(URL, pa.string()),
         pa.field(CAPTION, pa.string()),
         pa.field(ORIGINAL_WIDTH, pa.int32()),

@@ -71,3 +71,11 @@ def test_a_gpu_pool_starts_full_unless_the_backlog_is_smaller_and_a_cpu_pool_sta
     stage = embed_stage(ResourcesConfig(gpus_per_actor=gpus, min_actors=2, max_actors=8), shards)
     pool = stage.compute
     assert (pool.min_size, pool.max_size, pool.initial_size) == (2, 8, initial)
+
+
+@pytest.mark.parametrize("gpus, asked, concurrent", [(1, None, 2), (0, None, 1), (1, 3, 3), (0, 2, 2)])
+def test_a_gpu_actor_works_on_two_batches_at_once_unless_told_otherwise(ray_local, gpus, asked, concurrent):
+    stage = embed_stage(ResourcesConfig(gpus_per_actor=gpus, concurrent_batches_per_actor=asked))
+    pool = stage.compute
+    assert pool.max_concurrent_calls_per_actor == concurrent
+    assert pool.enable_true_multi_threading is (concurrent > 1)

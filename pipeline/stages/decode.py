@@ -10,6 +10,7 @@ bytes, never from the name). Columns out: the same minus ``image``, plus
 * ``width``, ``height``: int32, the decoded size after EXIF orientation, 0 when not decoded;
 * ``status`` / ``error`` updated for rows that fail here (rows already failed upstream keep theirs);
 * with ``DecodeConfig.quality_metrics``: the float32 columns of :mod:`pipeline.quality`, NaN where not decoded.
+* with ``DecodeConfig.phash``: ``phash``, imagehash's perceptual hash of the decoded (model-sized) pixels.
 
 Statuses written here (one bad row never fails the batch):
 
@@ -74,6 +75,8 @@ class Decode:
         out[S.ERROR] = errors
         if self.config.quality_metrics:
             out.update(quality_metrics(pixels, decoded=statuses == _OK))
+        if self.config.phash:
+            out[S.PHASH] = perceptual_hashes(pixels, decoded=statuses == _OK)
         return out
 
     def _decode_row(self, data, out: np.ndarray, widths: np.ndarray, heights: np.ndarray, row: int):
@@ -107,3 +110,14 @@ def _object_column(batch: dict[str, np.ndarray], name: str, count: int, default)
     else:
         column[:] = default
     return column
+
+
+def perceptual_hashes(pixels: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+    """imagehash's pHash (64 bits, 16 hex digits) of each decoded image, None where nothing was decoded."""
+    import imagehash
+    from PIL import Image
+
+    hashes = np.full(len(pixels), None, dtype=object)
+    for row in np.flatnonzero(decoded):
+        hashes[row] = str(imagehash.phash(Image.fromarray(pixels[row])))
+    return hashes

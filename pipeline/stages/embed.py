@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -107,9 +108,11 @@ class EmbedScore:
         mean = torch.tensor(self.clip.mean, dtype=torch.float32)
         self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(device)
         self._shift = (mean / std).view(1, 3, 1, 1).to(device)
-        self._pinned: torch.Tensor | None = None  # reused host staging buffer for async copies to CUDA
+        # Ray Data may run two batches at once in threads (ResourcesConfig.concurrent_batches_per_actor):
+        # each thread stages its pixels in its own pinned buffer while the other's batch has the device.
+        self._host = threading.local()
+        self._device = threading.Lock()
 
-        self._memory_format = torch.channels_last if model.channels_last else torch.contiguous_format
         if model.channels_last:
             self.clip.model.visual.to(memory_format=torch.channels_last)
         self._autocast = self.clip.autocast_dtype
@@ -130,7 +133,9 @@ class EmbedScore:
         if rows.size:
             rows, pixels, take = self._ok_pixels(batch[schema.PIXELS], rows, status, error)
         if rows.size:
-            row_scores, row_embeddings = self._embed_and_score(self._to_device(pixels, take))
+            images = self._model_input(self._to_device(pixels, take))
+            with self._device:  # one batch at a time on the model; the other thread prepares the next
+                row_scores, row_embeddings = self._embed_and_score(images, len(rows))
             finite = np.isfinite(row_scores).all(axis=1)
             for i in np.flatnonzero(~finite):
                 status[rows[i]] = Status.SCORE_ERROR.value
@@ -186,9 +191,11 @@ class EmbedScore:
                 pixels = np.array(pixels, order="C")  # torch wants writable memory it may alias
             return torch.from_numpy(pixels)
         count = len(pixels) if take is None else len(take)
-        if self._pinned is None or self._pinned.shape[0] < count:
-            self._pinned = torch.empty((count,) + self._pixel_shape, dtype=torch.uint8, pin_memory=True)
-        staging = self._pinned[:count]
+        pinned = getattr(self._host, "pinned", None)  # reused host staging buffer for async copies to CUDA
+        if pinned is None or pinned.shape[0] < count:
+            pinned = self._host.pinned = torch.empty((count,) + self._pixel_shape, dtype=torch.uint8,
+                                                      pin_memory=True)
+        staging = pinned[:count]
         if take is None:
             staging.numpy()[...] = pixels
         else:
@@ -196,16 +203,22 @@ class EmbedScore:
         # Safe to reuse the buffer next call: __call__ waits for the scores, which come after this copy.
         return staging.to(device, non_blocking=True)
 
-    def _embed_and_score(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """(K, S, S, 3) uint8 on the device -> (K, H + P) float32 scores (heads, then prompt sets) and, if
-        kept, (K, D) fp16 unit embeddings."""
-        count = len(pixels)
+    def _model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(K, S, S, 3) uint8 on the device -> the model's normalised input (padded to a compiled shape).
+
+        The NCHW view keeps NHWC memory (channels-last), which the patch convolution takes as it is;
+        ``channels_last=True`` gives its weights the same order."""
         with torch.inference_mode():
-            images = pixels.permute(0, 3, 1, 2).float()  # NHWC -> NCHW view, then cast
+            images = pixels.permute(0, 3, 1, 2).float()
             images = images.mul_(self._scale).sub_(self._shift).to(self.clip.input_dtype)
             if self._compiled is not None:
-                images = _padded(images, _bucket(count))
-            images = images.contiguous(memory_format=self._memory_format)
+                images = _padded(images, _bucket(len(images)))
+        return images
+
+    def _embed_and_score(self, images: torch.Tensor, count: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The model's input for ``count`` images -> (count, H + P) float32 scores (heads, then prompt sets)
+        and, if kept, (count, D) fp16 unit embeddings."""
+        with torch.inference_mode():
             encode = self._compiled or self.clip.model.encode_image
             with _autocast(self.clip.device, self._autocast):
                 features = encode(images)[:count].float()
@@ -227,7 +240,8 @@ def _bucket(count: int) -> int:
 def _padded(images: torch.Tensor, size: int) -> torch.Tensor:
     if len(images) == size:
         return images
-    return torch.cat([images, images.new_zeros((size - len(images),) + tuple(images.shape[1:]))])
+    padding = torch.zeros_like(images[:1]).expand(size - len(images), *images.shape[1:])
+    return torch.cat([images, padding]).contiguous(memory_format=torch.channels_last)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

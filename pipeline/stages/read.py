@@ -8,6 +8,7 @@ Metadata columns are small and ride along through decode and embed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any, Iterator, Mapping
@@ -15,6 +16,7 @@ from typing import Any, Iterator, Mapping
 import pyarrow as pa
 
 from pipeline import schema as S
+from pipeline.exclusions import Exclusions
 from pipeline.io.sidecar import SUCCESS, Sidecar, SidecarRow, read_sidecar
 from pipeline.io.storage import filesystem
 from pipeline.io.tar_reader import UNSCORED_IMAGE_EXTENSIONS, Sample, TarContents, read_tar
@@ -29,6 +31,7 @@ READ_SCHEMA = pa.schema([
     pa.field(S.OFFSET, pa.int64()),
     pa.field(S.SIZE, pa.int64()),
     pa.field(S.IMAGE_FORMAT, pa.string()),
+    pa.field(S.IMAGE_SHA256, pa.string()),
     pa.field(S.IMAGE, pa.binary()),
     pa.field(S.URL, pa.string()),
     pa.field(S.CAPTION, pa.string()),
@@ -99,6 +102,7 @@ def _row_for_sample(sample: Sample, meta: SidecarRow | None) -> dict[str, Any]:
         S.OFFSET: sample.image_offset if sample.image_member else None,
         S.SIZE: sample.image_size if sample.image_member else None,
         S.IMAGE_FORMAT: sample.image_format,
+        S.IMAGE_SHA256: hashlib.sha256(sample.image).hexdigest() if sample.image is not None else None,
         S.IMAGE: sample.image,
         S.URL: url,
         S.CAPTION: caption,
@@ -150,9 +154,25 @@ def join_shard(tar: TarContents | None, tar_problem: str | None, sidecar: Sideca
     return rows
 
 
+def exclude(rows: list[dict[str, Any]], exclusions: Exclusions) -> int:
+    """Mark the rows whose image bytes or URL the list names: status ``excluded``, no image to decode.
+    How many were marked."""
+    marked = 0
+    for row in rows:
+        matched = exclusions.match(row.get(S.IMAGE), row.get(S.URL), row.get(S.IMAGE_SHA256))
+        if matched:
+            was = row.get(S.STATUS)
+            row[S.STATUS], row[S.IMAGE] = S.Status.EXCLUDED.value, None
+            row[S.ERROR] = f"on the exclusion list ({matched}; was {was})"
+            marked += 1
+    return marked
+
+
 def read_shard_rows(tar_uri: str | None, sidecar_uri: str | None,
-                    storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Read and join one shard. Raises StorageError when storage, not content, is at fault."""
+                    storage_options: Mapping[str, Any] | None = None,
+                    exclusions: Exclusions | None = None) -> list[dict[str, Any]]:
+    """Read and join one shard (and mark the rows the exclusion list names). Raises StorageError when
+    storage, not content, is at fault."""
     tar = None
     tar_problem = None if tar_uri else "no tar for this sidecar"
     if tar_uri:
@@ -174,7 +194,10 @@ def read_shard_rows(tar_uri: str | None, sidecar_uri: str | None,
             sidecar_problem = f"sidecar unreadable ({type(exc).__name__}: {exc}); metadata taken from tar members"
         if sidecar is not None and sidecar.duplicate_keys:
             sidecar_problem = f"sidecar repeats {sidecar.duplicate_keys} keys; first row of each kept"
-    return join_shard(tar, tar_problem, sidecar, sidecar_problem)
+    rows = join_shard(tar, tar_problem, sidecar, sidecar_problem)
+    if exclusions is not None:
+        exclude(rows, exclusions)
+    return rows
 
 
 def to_table(rows: list[dict[str, Any]], shard: str, unit: str) -> pa.Table:
@@ -188,16 +211,18 @@ def to_table(rows: list[dict[str, Any]], shard: str, unit: str) -> pa.Table:
 class ReadShard:
     """Ray Data UDF: a batch of shard descriptions in, batches of sample rows out."""
 
-    def __init__(self, storage_options: Mapping[str, Any] | None = None, rows_per_batch: int = 256):
+    def __init__(self, storage_options: Mapping[str, Any] | None = None, rows_per_batch: int = 256,
+                 exclusions: Exclusions | None = None):
         self.storage_options = dict(storage_options or {})
         self.rows_per_batch = rows_per_batch
+        self.exclusions = exclusions
 
     def __call__(self, shards: Mapping[str, Any]) -> Iterator[pa.Table]:
         for i in range(len(shards["name"])):
             name, unit = str(shards["name"][i]), str(shards["unit"][i])
             tar, sidecar = shards["tar"][i], shards["sidecar"][i]
             try:
-                rows = read_shard_rows(tar or None, sidecar or None, self.storage_options)
+                rows = read_shard_rows(tar or None, sidecar or None, self.storage_options, self.exclusions)
             except StorageError as exc:
                 log.warning("shard %s unreadable from storage: %s", name, exc)
                 rows = [shard_error_row(S.Status.STORAGE_ERROR, str(exc))]

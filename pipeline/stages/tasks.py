@@ -12,13 +12,15 @@ import functools
 from typing import Any, Iterator, Mapping
 
 from pipeline.config import DecodeConfig
+from pipeline.exclusions import Exclusions
 from pipeline.io.writer import WriteStaging
 from pipeline.stages.decode import Decode
 from pipeline.stages.read import ReadShard
 
 
-def read_shard(batch: Mapping[str, Any], storage_options: Mapping[str, Any], rows_per_batch: int) -> Iterator:
-    yield from ReadShard(storage_options, rows_per_batch)(batch)
+def read_shard(batch: Mapping[str, Any], storage_options: Mapping[str, Any], rows_per_batch: int,
+               exclusions: Exclusions | None = None) -> Iterator:
+    yield from ReadShard(storage_options, rows_per_batch, exclusions)(batch)
 
 
 @functools.lru_cache(maxsize=4)

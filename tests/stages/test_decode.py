@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline import schema as S
 from pipeline.config import DecodeConfig
@@ -199,3 +200,42 @@ def test_a_decoder_crash_costs_one_row(monkeypatch):
     out = Decode(DecodeConfig())(make_batch([CORPUS["webp"].data, CORPUS["bmp"].data]))
     assert list(out[S.STATUS]) == ["decode_error", OK]
     assert out[S.ERROR][0] == "RuntimeError: decoder bug" and not out[S.PIXELS][0].any()
+
+
+def _photograph(name: str) -> np.ndarray:
+    import skimage.data
+
+    return getattr(skimage.data, name)()[..., :3]
+
+
+def _hamming(a: str, b: str) -> int:
+    return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+
+def test_phash_is_imagehash_of_the_decoded_pixels_and_none_where_nothing_was_decoded():
+    import imagehash
+
+    batch = make_batch([encode(_photograph("astronaut"), "JPEG", quality=90), b"not an image"])
+    out = Decode(DecodeConfig(phash=True))(batch)
+    assert out[S.PHASH][0] == str(imagehash.phash(Image.fromarray(out[S.PIXELS][0])))
+    assert out[S.STATUS][1] == S.Status.DECODE_ERROR.value and out[S.PHASH][1] is None
+    assert S.PHASH not in Decode(DecodeConfig())(make_batch([encode(_photograph("astronaut"), "JPEG")]))
+
+
+def test_phash_stays_close_for_a_recompressed_resized_or_cropped_copy_and_not_for_another_photo():
+    original = _photograph("astronaut")
+    height, width = original.shape[:2]
+    cut_h, cut_w = height * 5 // 200, width * 5 // 200  # 5% in all: 2.5% off each side
+    copies = [
+        encode(original, "JPEG", quality=95),
+        encode(original, "JPEG", quality=40),
+        encode(Image.fromarray(original).resize((width // 2, height // 2), Image.BICUBIC), "JPEG", quality=90),
+        encode(original[cut_h:height - cut_h, cut_w:width - cut_w], "JPEG", quality=90),
+    ]
+    others = [encode(_photograph(name), "JPEG", quality=95) for name in ("coffee", "chelsea", "rocket")]
+    hashes = Decode(DecodeConfig(phash=True))(make_batch(copies + others))[S.PHASH]
+    reference = hashes[0]
+    near = [_hamming(reference, h) for h in hashes[1:len(copies)]]
+    far = [_hamming(reference, h) for h in hashes[len(copies):]]
+    print("phash distances: copies", near, "other photos", far)
+    assert max(near) <= 10 < min(far), (near, far)

@@ -335,3 +335,17 @@ def test_a_non_finite_prompt_score_is_reported_by_set_name(tiny_clip, head_bank,
     assert list(out[schema.STATUS]) == [Status.SCORE_ERROR.value] * 2
     assert "prompt aesthetic=nan" in out[schema.ERROR][0]
     assert np.isnan(out["score_prompt_aesthetic"]).all()
+
+
+def test_two_threads_sharing_a_stage_get_what_one_thread_gets(tiny_clip, head_bank) -> None:
+    """Ray Data may call one actor's stage from two threads at once: each batch's scores are its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stage = _stage(tiny_clip, head_bank, write_embeddings=True)
+    batches = [_batch(seed=seed) for seed in range(6)]
+    alone = [stage(batch) for batch in batches]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(stage, batches))
+    for one, other in zip(alone, together):
+        np.testing.assert_array_equal(one[schema.AESTHETIC_SCORE], other[schema.AESTHETIC_SCORE])
+        np.testing.assert_array_equal(one[schema.EMBEDDING], other[schema.EMBEDDING])

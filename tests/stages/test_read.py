@@ -1,6 +1,8 @@
+import hashlib
 import io
 
 from pipeline import schema as S
+from pipeline.exclusions import load_exclusions
 from pipeline.io.sidecar import read_sidecar
 from pipeline.io.tar_reader import read_tar
 from pipeline.stages.read import join_shard, read_shard_rows, to_table
@@ -75,3 +77,27 @@ def test_to_table_counts_the_shard_rows():
                      "s.tar", "u")
     assert table[S.SHARD_ROWS].to_pylist() == [2, 2]
     assert table[S.UNIT].to_pylist() == ["u", "u"]
+
+
+def test_every_image_gets_the_sha256_of_its_bytes_and_rows_without_one_none():
+    rows = _rows(make_tar([("a.jpg", b"JPEG-A"), ("b.txt", b"caption only")]))
+    assert rows["a"][S.IMAGE_SHA256] == hashlib.sha256(b"JPEG-A").hexdigest()
+    assert rows["b"][S.IMAGE_SHA256] is None
+
+
+def test_listed_images_and_urls_are_excluded_and_keep_their_rows(tmp_path):
+    tar = tmp_path / "00000.tar"
+    tar.write_bytes(make_tar([("a.jpg", b"JPEG-A"), ("b.jpg", b"JPEG-B"), ("c.jpg", b"JPEG-C")]))
+    sidecar = tmp_path / "00000.parquet"
+    sidecar.write_bytes(make_sidecar([sidecar_row("a", url="http://x/a.jpg"), sidecar_row("b", url="http://x/b.jpg"),
+                                      sidecar_row("c", url="http://x/c.jpg"),
+                                      sidecar_row("d", url="http://x/d.jpg", status="failed_to_download")]))
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{hashlib.sha256(b'JPEG-A').hexdigest()}\n{hashlib.md5(b'http://x/d.jpg').hexdigest()}\n")
+
+    rows = {r[S.KEY]: r for r in read_shard_rows(str(tar), str(sidecar), exclusions=load_exclusions(str(listed)))}
+
+    assert {k: r[S.STATUS] for k, r in rows.items()} == {"a": "excluded", "b": "ok", "c": "ok", "d": "excluded"}
+    assert rows["a"][S.IMAGE] is None and rows["a"][S.ERROR] == "on the exclusion list (image sha256; was ok)"
+    assert rows["d"][S.ERROR] == "on the exclusion list (url md5; was download_failed)"
+    assert rows["b"][S.IMAGE] == b"JPEG-B"
