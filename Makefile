@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python -m bench.bench_decode
 	$(BIN)/python -m bench.run_cpu
 	$(BIN)/python -m bench.bench_feed
+	$(BIN)/python -m bench.bench_dedup
 
 bench-scale: install
 	$(BIN)/python -m bench.bench_scale

@@ -63,6 +63,7 @@ def run_at(shards: Path, rate: float, batch_size: int, name: str, concurrent: in
 
     config = make_config(str(shards), fresh_output(name), batch_size, cpus_per_actor=ACTOR_CPUS,
                          min_actors=1, max_actors=1, concurrent_batches_per_actor=concurrent)
+    config = config.replace(caption_similarity=False)  # the simulated accelerator is an image tower only
     log = Path(f"{fresh_output(name)}-accelerator.log")
     log.write_text("")
     loader = functools.partial(simulated_loader, config.model, config.heads, config.weights_dirs, rate, str(log))

@@ -10,7 +10,9 @@ Each command then runs in a subprocess of its own, and its wall seconds and peak
 - listing the input alone (what ``status`` and ``nightly`` must do whatever the bookkeeping costs);
 - ``cutoffs``; ``status --input``; ``nightly --dry-run`` with nothing new, and with 100 new shards (the time
   to a plan, every check included);
-- opening the snapshot: Polars ``scan_delta`` to its schema, DuckDB over the table's pyarrow dataset.
+- opening the snapshot: Polars ``scan_delta`` to its schema, DuckDB over the table's pyarrow dataset;
+- ``aesthetics optimize``, then cutoffs, status and both openings again on the compacted tables
+  (``--no-optimize`` skips it).
 
     python -m bench.bench_scale [--units 1000 10000 58000] [--stores local s3]
 
@@ -36,6 +38,7 @@ SHARDS_PER_UNIT = 4
 NEW_SHARDS = 100
 BATCH_UNITS = 2000  # units per fabricated data commit
 
+AFTER_OPTIMIZE = ("cutoffs", "status", "Polars open", "DuckDB open")  # timed again on the compacted tables
 TARGETS_58K_S3 = {"cutoffs": 5.0, "status": 10.0, "nightly, nothing new": 30.0, "nightly, 100 new shards": 30.0,
                   "Polars open": 10.0, "DuckDB open": 10.0}
 
@@ -192,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, nargs="+", default=[1000, 10000, 58000])
     parser.add_argument("--stores", nargs="+", default=["local", "s3"], choices=("local", "s3"))
+    parser.add_argument("--no-optimize", dest="optimize", action="store_false",
+                        help="skip `aesthetics optimize` and the commands timed again after it")
     args = parser.parse_args(argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -225,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
                     wall, rss, last = measure(command, env)
                     results.append((store, units, label, wall, rss, last))
                     print(f"  {label:26s} {wall:7.2f} s {rss:8.0f} MiB   {last[:90]}", flush=True)
+                if args.optimize:
+                    runs = commands(input_uri, output_uri, opts, head_args)
+                    optimize = [*runs["cutoffs"][:3], "optimize", output_uri, *runs["cutoffs"][5:]]
+                    for label, command in [("optimize", optimize)] + [
+                            (f"{label}, optimized", runs[label]) for label in AFTER_OPTIMIZE]:
+                        wall, rss, last = measure(command, env)
+                        results.append((store, units, label, wall, rss, last))
+                        print(f"  {label:26s} {wall:7.2f} s {rss:8.0f} MiB   {last[:90]}", flush=True)
                 if store == "local":
                     shutil.rmtree(scratch / name, ignore_errors=True)
         print()

@@ -73,7 +73,7 @@ def run_plain(config: ScoreConfig, embed_loader: Any = None, run_id: str | None 
     decode = Decode(config.decode, image_size=image_size, interpolation=interpolation)
     embed = timed("load", lambda: EmbedScore(
         config.model, config.heads, write_embeddings=config.write_embeddings, search_dirs=config.weights_dirs,
-        storage_options=config.storage_options, loader=embed_loader))
+        storage_options=config.storage_options, loader=embed_loader, caption_similarity=config.caption_similarity))
     staging = WriteStaging(config.output, summary.run_id, config.storage_options)
     identity = run_identity(config, config.shards_per_unit)
     committer = UnitCommitter(config.output, config.storage_options)

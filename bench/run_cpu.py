@@ -170,21 +170,29 @@ def stage_benchmarks(shards: str, batch_size: int) -> dict[str, Any]:
     images = sum(int((b[S.STATUS] == S.Status.OK.value).sum()) for b in decoded)
 
     pixels = np.concatenate([b[S.PIXELS][b[S.STATUS] == S.Status.OK.value] for b in decoded])
+    captions = np.concatenate([b[S.CAPTION][b[S.STATUS] == S.Status.OK.value] for b in decoded])
     if len(pixels) < batch_size:
         pixels = np.resize(pixels, (batch_size,) + pixels.shape[1:])
+        captions = np.resize(captions, batch_size)
     n_batches = len(pixels) // batch_size
     model_batches = [{S.PIXELS: pixels[i * batch_size:(i + 1) * batch_size],
+                      S.CAPTION: captions[i * batch_size:(i + 1) * batch_size],
                       S.STATUS: np.full(batch_size, S.Status.OK.value, dtype=object),
                       S.ERROR: np.full(batch_size, None, dtype=object)} for i in range(n_batches)]
     default_threads = torch.get_num_threads()
-    stage = EmbedScore(config.model, config.heads, search_dirs=config.weights_dirs)
+    stage = EmbedScore(config.model, config.heads, search_dirs=config.weights_dirs,
+                       caption_similarity=config.caption_similarity)
     model_rates = {}
     for threads in sorted({default_threads, 1}, reverse=True):
         torch.set_num_threads(threads)
         model_rates[threads] = n_batches * batch_size / best_pass(lambda: [stage(b) for b in model_batches])
     torch.set_num_threads(default_threads)
+    # clip_similarity's share of the model stage: the same stage without the captions' text tower.
+    images_only = EmbedScore(config.model, config.heads, search_dirs=config.weights_dirs, caption_similarity=False)
+    images_only_rate = n_batches * batch_size / best_pass(lambda: [images_only(b) for b in model_batches])
     return {"decode_rate": images / decode_s, "images": images, "model_rates": model_rates,
-            "default_threads": default_threads}
+            "default_threads": default_threads,
+            "similarity_share": 1 - model_rates[default_threads] / images_only_rate}
 
 
 # Runs (each in its own child process) ----------------------------------------------------------
@@ -427,6 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     for n, rate in sorted(stages["model_rates"].items(), key=lambda kv: -int(kv[0])):
         rows.append((f"model only: EmbedScore on decoded pixels, {n} torch thread(s)", f"{rate:,.0f} img/s", "", ""))
+    rows.append(("clip_similarity: its share of the model-only time (captions' text tower)",
+                 f"{stages['similarity_share']:.0%}", "", ""))
     for n in threads_options:
         mark = "  <- reference" if n == best_threads else ""
         rows.append((f"end to end, plain loop, {args.shards} shards, {n} torch thread(s){mark}",

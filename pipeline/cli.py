@@ -20,7 +20,7 @@ from pipeline.io import layout
 
 # Modules under pipeline/commands that add subcommands: each has register(commands) -> None.
 COMMAND_MODULES: tuple[str, ...] = ("pipeline.commands.analysis", "pipeline.commands.cluster", "pipeline.commands.heads",
-                                     "pipeline.commands.housekeeping")
+                                     "pipeline.commands.housekeeping", "pipeline.commands.dedup")
 
 TINY_WARNING = (
     "\n" + "!" * 78 + "\n"
@@ -70,6 +70,8 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", help="zero-shot prompt score columns: 'default' or a prompt-set YAML file")
     parser.add_argument("--exact-decode", action="store_true", default=None,
                         help="full-size decode (slower) instead of JPEG DCT downscaling")
+    parser.add_argument("--caption-similarity", action=argparse.BooleanOptionalAction, default=None,
+                        help="clip_similarity: cosine of each image and its caption in the same CLIP (default on)")
     parser.add_argument("--phash", action="store_true", default=None,
                         help="a phash column: the 64-bit perceptual hash of the decoded pixels (imagehash)")
     parser.add_argument("--exclude-hashes", metavar="FILE_OR_URI",
@@ -133,7 +135,7 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
         values["weights_dirs"] = args.weights_dir
     if args.shards_per_unit is not None:
         values["shards_per_unit"] = args.shards_per_unit
-    for flag in ("write_embeddings", "rescore", "prompts", "exclude_hashes"):
+    for flag in ("write_embeddings", "rescore", "prompts", "exclude_hashes", "caption_similarity"):
         if getattr(args, flag) is not None:
             values[flag] = getattr(args, flag)
     if args.storage_option:
@@ -208,10 +210,10 @@ def print_summary(summary: Any) -> None:
 
 
 def cmd_cutoffs(args: argparse.Namespace) -> int:
-    from pipeline.cutoffs import write_cutoffs
+    from pipeline.cutoffs import dedup_tables, write_cutoffs
 
     options = dict(args.storage_option or [])
-    tables = write_cutoffs(args.output, options)
+    tables = dedup_tables(args.output, options) if args.dedup else write_cutoffs(args.output, options)
     if not tables:
         print(f"aesthetics: no committed units under {args.output}", file=sys.stderr)
         return ExitCode.INPUT
@@ -252,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cutoffs = commands.add_parser("cutoffs", help="the cutoff table of an output prefix, from its unit table")
     cutoffs.add_argument("output")
+    cutoffs.add_argument("--dedup", action="store_true",
+                         help="count each duplicate group (`aesthetics dedup`) once: its keeper; the others "
+                              "show as status 'duplicate'")
     add_storage_options(cutoffs)
     cutoffs.set_defaults(run=cmd_cutoffs)
 

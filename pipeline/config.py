@@ -217,6 +217,8 @@ class ScoreConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     shards_per_unit: int = 4
     write_embeddings: bool = False
+    # clip_similarity: the caption's text embedding (same CLIP, open_clip's tokenizer) against the image's
+    caption_similarity: bool = True
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     weights_dirs: tuple[str, ...] = ()  # folders (local or URI) searched for weight files first
     prompts: str | None = None  # zero-shot prompt sets: a YAML path, or "default" for the shipped ones

@@ -6,6 +6,8 @@ the Parquet, so it costs the same for a thousand rows or two billion.
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -87,6 +89,37 @@ def build_tables(records: Iterable[Mapping[str, Any]]) -> list[CutoffTable]:
         tables.append(CutoffTable(model_key, len(group), sum(m["rows"] for m in group), scored, statuses,
                                   tuple(rows), any(m.get("tiny_random") for m in group)))
     return tables
+
+
+DUPLICATE = "duplicate"  # with --dedup: an ok row that is not its duplicate group's keeper
+
+
+def without_duplicates(facts: Mapping[str, Mapping[str, Any]], duplicates: Iterable[Mapping[str, Any]]
+                       ) -> list[dict[str, Any]]:
+    """Unit facts with each duplicate (a row of ``aesthetics dedup``'s table that is not its group's keeper)
+    moved from ``ok`` to ``duplicate`` and out of the score counts: the cutoff table of the keepers."""
+    adjusted = {unit: copy.deepcopy(dict(fact)) for unit, fact in facts.items()}
+    for row in duplicates:
+        fact = adjusted.get(row[S.UNIT])
+        if fact is None:
+            continue  # a unit committed since the dedup table was made is counted as it is
+        statuses, score = fact["counts_by_status"], fact["score"]
+        statuses[S.Status.OK.value] = statuses.get(S.Status.OK.value, 0) - 1
+        statuses[DUPLICATE] = statuses.get(DUPLICATE, 0) + 1
+        value = row.get(S.AESTHETIC_SCORE)
+        if value is not None and math.isfinite(value):
+            score["scored"] -= 1
+            for threshold in S.LAION_THRESHOLDS:
+                score["counts_ge"][str(threshold)] -= value >= threshold
+    return list(adjusted.values())
+
+
+def dedup_tables(output: str, storage_options: Mapping[str, Any] | None = None) -> list[CutoffTable]:
+    """The cutoff tables of the keepers only (``cutoffs --dedup``), from the unit table and the dedup table."""
+    from pipeline.dedup import duplicate_rows
+
+    duplicates = duplicate_rows(output, storage_options).select([S.UNIT, S.AESTHETIC_SCORE]).to_pylist()
+    return build_tables(without_duplicates(read_facts(output, storage_options), duplicates))
 
 
 def write_cutoffs(output: str, storage_options: Mapping[str, Any] | None = None) -> list[CutoffTable]:

@@ -102,6 +102,7 @@ def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
             # Parsed here, so a bad prompt file fails before Ray starts and nodes need no copy of it.
             "prompts": load_prompt_sets(config.prompts, storage) if config.prompts else None,
             "torch_threads": None if gpus else cpu_actor_threads(config),
+            "caption_similarity": config.caption_similarity,
         },
         batch_size=resources.embed_batch_size, batch_format="numpy",
         compute=embed_pool(config, len(items), gpus),

@@ -57,6 +57,7 @@ STATUS = "status"
 ERROR = "error"
 SHARD_ROWS = "shard_rows"  # rows the read stage emitted for this row's shard (completeness check)
 AESTHETIC_SCORE = "aesthetic_score"  # the primary head's score
+CLIP_SIMILARITY = "clip_similarity"  # cosine of the image and caption embeddings of the same CLIP; NaN without caption
 EMBEDDING = "embedding"  # optional fp16 L2-normalised CLIP image embedding
 MODEL = "model"  # CLIP identity: architecture + weights sha256
 HEAD = "head"  # primary head identity: name + sha256
@@ -71,6 +72,10 @@ def score_column(head_name: str) -> str:
 
 # LAION-Aesthetics' published cut-offs, the rows of the cutoff table.
 LAION_THRESHOLDS = (4.5, 4.75, 5.0, 6.0, 6.25, 6.5)
+# clip_similarity cut-offs for context: LAION-2B-en kept image-caption cosine >= 0.28 (ViT-B/32), LAION-400M
+# >= 0.3. A unit record counts the rows at each, and keeps a 0.02-wide histogram over [-1, 1].
+SIMILARITY_THRESHOLDS = (0.28, 0.3)
+SIMILARITY_LOW, SIMILARITY_HIGH, SIMILARITY_STEP = -1.0, 1.0, 0.02
 
 # Histogram kept in every record: 0.25-wide bins over [0, 10) plus under/overflow, so every
 # LAION threshold is a bin edge and the cutoff table never needs the Parquet.
@@ -101,6 +106,7 @@ def output_schema(extra_score_columns: tuple[str, ...] = (), embedding_dim: int 
         pa.field(STATUS, pa.string(), nullable=False),
         pa.field(ERROR, pa.string()),
         pa.field(AESTHETIC_SCORE, pa.float32()),
+        pa.field(CLIP_SIMILARITY, pa.float32()),
     ]
     fields += [pa.field(name, pa.float32()) for name in extra_score_columns]
     fields += [pa.field(MODEL, pa.string(), nullable=False), pa.field(HEAD, pa.string(), nullable=False)]

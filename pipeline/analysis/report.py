@@ -116,6 +116,39 @@ def histogram_png(records: Sequence[Mapping[str, Any]], title: str = "", width_i
         plt.close(figure)
 
 
+def similarity_png(records: Sequence[Mapping[str, Any]], width_in: float = 9.0, height_in: float = 2.6,
+                   dpi: int = 110) -> bytes | None:
+    """The clip_similarity histogram, summed over the records, with LAION's cut-offs marked; None when no
+    unit recorded one."""
+    summaries = [r["clip_similarity"] for r in records if r.get("clip_similarity")]
+    if not summaries or not sum(s["count"] for s in summaries):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    counts = np.sum([np.asarray(s["histogram"]["counts"], dtype=np.int64) for s in summaries], axis=0)
+    edges = np.linspace(S.SIMILARITY_LOW, S.SIMILARITY_HIGH, len(counts) + 1)
+    figure, axes = plt.subplots(figsize=(width_in, height_in), dpi=dpi)
+    try:
+        axes.bar(edges[:-1], counts, width=S.SIMILARITY_STEP, align="edge", color="#72b7b2", edgecolor="white")
+        nonzero = np.flatnonzero(counts)
+        axes.set_xlim(min(edges[nonzero[0]], 0.2) - 0.05, max(edges[nonzero[-1] + 1], 0.35) + 0.05)
+        for threshold in S.SIMILARITY_THRESHOLDS:
+            axes.axvline(threshold, color="#e45756", linestyle="--", linewidth=1)
+        axes.set_xlabel("clip_similarity: image-caption cosine (0.02-wide bins); dashed: LAION's 0.28 and 0.3")
+        axes.set_ylabel("images")
+        axes.set_title(f"Caption similarity ({int(counts.sum()):,} images with a caption)", fontsize=10)
+        axes.spines[["top", "right"]].set_visible(False)
+        figure.tight_layout()
+        sink = io.BytesIO()
+        figure.savefig(sink, format="png")
+        return sink.getvalue()
+    finally:
+        plt.close(figure)
+
+
 def pick_thumbnail_rows(con: Any, view: str, per_position: int) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """(scored rows per band, rows to show): per band the ``per_position`` best, median and worst ok rows.
 
@@ -250,8 +283,15 @@ def _figure(thumb: Thumb) -> str:
             f"<span class=key>{_e(thumb.key)}</span><br>{_e(caption)}</figcaption></figure>")
 
 
+def _similarity_html(similarity: bytes | None) -> str:
+    if similarity is None:
+        return ""
+    return ('<h2>Caption similarity</h2>\n<img class=hist id=similarity alt="clip_similarity histogram" '
+            f'src="data:image/png;base64,{base64.b64encode(similarity).decode()}">')
+
+
 def render_html(output: str, tables: Sequence[CutoffTable], histogram: bytes, bands: Mapping[str, int],
-                thumbs: Sequence[Thumb], title: str | None = None) -> str:
+                thumbs: Sequence[Thumb], title: str | None = None, similarity: bytes | None = None) -> str:
     title = title or f"Aesthetic scores: {output}"
     warning = ""
     if any(t.tiny_random for t in tables):
@@ -283,6 +323,7 @@ def render_html(output: str, tables: Sequence[CutoffTable], histogram: bytes, ba
 <h2>Score histogram</h2>
 <img class=hist id=histogram alt="score histogram with the LAION thresholds marked"
  src="data:image/png;base64,{base64.b64encode(histogram).decode()}">
+{_similarity_html(similarity)}
 <h2>Rows by status</h2>
 {_status_html(tables)}
 <h2>Images by score band</h2>
@@ -309,7 +350,7 @@ def build_report(output: str, storage_options: Mapping[str, Any] | None = None, 
         con.close()
     thumbs = load_thumbs(rows, storage_options, thumb_size)
     histogram = histogram_png(list(records.values()))
-    text = render_html(output, tables, histogram, bands, thumbs, title)
+    text = render_html(output, tables, histogram, bands, thumbs, title, similarity_png(list(records.values())))
     info = ReportInfo(output=output, html_path=None, bands=bands, thumbs=thumbs, tables=list(tables),
                       seconds=round(time.time() - started, 3), html_bytes=len(text.encode()))
     return text, info

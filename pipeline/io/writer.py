@@ -132,6 +132,18 @@ def score_summary(scores: np.ndarray) -> dict[str, Any]:
     }
 
 
+def similarity_summary(values: np.ndarray) -> dict[str, Any]:
+    """clip_similarity's distribution in a unit: rows with one, counts at LAION's cut-offs, a fixed histogram."""
+    finite = values[np.isfinite(values)]
+    bins = int(round((S.SIMILARITY_HIGH - S.SIMILARITY_LOW) / S.SIMILARITY_STEP))
+    counts, _ = np.histogram(np.clip(finite, S.SIMILARITY_LOW, S.SIMILARITY_HIGH - 1e-9),
+                             bins=np.linspace(S.SIMILARITY_LOW, S.SIMILARITY_HIGH, bins + 1))
+    return {"count": int(finite.size), "counts_ge": {str(t): int((finite >= t).sum()) for t in S.SIMILARITY_THRESHOLDS},
+            "histogram": {"low": S.SIMILARITY_LOW, "high": S.SIMILARITY_HIGH, "step": S.SIMILARITY_STEP,
+                          "counts": [int(c) for c in counts]},
+            "mean": float(finite.mean()) if finite.size else None}
+
+
 def commit_unit(committer: UnitCommitter, run_id: str, unit_id: str, shard_versions: list[dict[str, Any]],
                 identity: Mapping[str, Any], timings: Mapping[str, float]) -> dict[str, Any]:
     """Turn a unit's staging parts into committed files and its unit record. Returns the record."""
@@ -197,6 +209,9 @@ def commit_unit(committer: UnitCommitter, run_id: str, unit_id: str, shard_versi
         "counts_by_status": dict(Counter(statuses)),
         "duplicate_rows_dropped": int(duplicates),
         "score": score_summary(scores),
+        **({"clip_similarity": similarity_summary(table[S.CLIP_SIMILARITY].to_numpy(zero_copy_only=False)
+                                                  .astype(np.float64))}
+           if S.CLIP_SIMILARITY in table.column_names else {}),
         "files": [{"path": f.path, "band": f.band, "rows": f.rows} for f in files],
         "model": sorted({m for m in table[S.MODEL].to_pylist() if m}),
         "head": sorted({h for h in table[S.HEAD].to_pylist() if h}),

@@ -29,7 +29,7 @@ from pipeline import schema
 from pipeline.config import HeadSpec, ModelConfig
 from pipeline.models.clip import LoadedClip, load_clip, resolve_precision
 from pipeline.models.heads import HeadBank, load_head_bank
-from pipeline.models.prompts import PromptBank, PromptSets, build_prompt_bank
+from pipeline.models.prompts import PromptBank, PromptSets, build_prompt_bank, embed_texts
 from pipeline.schema import Status
 
 Loader = Callable[[], "tuple[LoadedClip, HeadBank]"]
@@ -66,6 +66,7 @@ class EmbedScore:
         loader: Loader | None = None,
         prompts: str | PromptSets | None = None,
         torch_threads: int | Callable[[], int] | None = None,
+        caption_similarity: bool = False,
     ):
         if torch_threads is not None:  # before the model loads: loading runs on them too
             torch.set_num_threads(torch_threads() if callable(torch_threads) else torch_threads)
@@ -85,6 +86,7 @@ class EmbedScore:
             self.head_bank = self.head_bank.to(self.clip.device)
 
         self.write_embeddings = write_embeddings
+        self.caption_similarity = caption_similarity
         self.model_identity = self.clip.identity
         self.primary_head_identity = self.head_bank.identities[0]
         # Zero-shot prompt sets: their text vectors are computed once, here; each batch scores them beside the heads.
@@ -117,7 +119,7 @@ class EmbedScore:
             self.clip.model.visual.to(memory_format=torch.channels_last)
         self._autocast = self.clip.autocast_dtype
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = (
-            torch.compile(self.clip.model.encode_image) if model.compile else None)
+            torch.compile(self.clip.model.encode_image, dynamic=False) if model.compile else None)
 
     # -- the hot path ------------------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -128,19 +130,23 @@ class EmbedScore:
         n_heads = len(self.score_columns)
         scores = np.full((n_heads, n), np.nan, dtype=np.float32)  # head-major: each column is contiguous
         embeddings = np.zeros((n, self.clip.embed_dim), dtype=np.float16) if self.write_embeddings else None
+        similarity = np.full(n, np.nan, dtype=np.float32) if self.caption_similarity else None
 
         rows = np.flatnonzero(status == _OK)
         if rows.size:
             rows, pixels, take = self._ok_pixels(batch[schema.PIXELS], rows, status, error)
         if rows.size:
             images = self._model_input(self._to_device(pixels, take))
+            captions = _captions(batch, rows) if similarity is not None else None
             with self._device:  # one batch at a time on the model; the other thread prepares the next
-                row_scores, row_embeddings = self._embed_and_score(images, len(rows))
+                row_scores, row_embeddings, row_similarity = self._embed_and_score(images, len(rows), captions)
             finite = np.isfinite(row_scores).all(axis=1)
             for i in np.flatnonzero(~finite):
                 status[rows[i]] = Status.SCORE_ERROR.value
                 error[rows[i]] = "non-finite score: " + ", ".join(
                     f"{name}={value}" for name, value in zip(self._score_names, row_scores[i]))
+            if similarity is not None:
+                similarity[rows[finite]] = row_similarity[finite]
             rows, row_scores = rows[finite], row_scores[finite]
             scores[:, rows] = row_scores.T
             if embeddings is not None:
@@ -155,6 +161,8 @@ class EmbedScore:
         out[schema.HEAD] = np.full(n, self.primary_head_identity, dtype=object)
         if embeddings is not None:
             out[schema.EMBEDDING] = embeddings
+        if similarity is not None:
+            out[schema.CLIP_SIMILARITY] = similarity
         return out
 
     def _ok_pixels(self, pixels: Any, rows: np.ndarray, status: np.ndarray,
@@ -215,9 +223,11 @@ class EmbedScore:
                 images = _padded(images, _bucket(len(images)))
         return images
 
-    def _embed_and_score(self, images: torch.Tensor, count: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """The model's input for ``count`` images -> (count, H + P) float32 scores (heads, then prompt sets)
-        and, if kept, (count, D) fp16 unit embeddings."""
+    def _embed_and_score(self, images: torch.Tensor, count: int, captions: Sequence[str | None] | None = None
+                         ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The model's input for ``count`` images -> (count, H + P) float32 scores (heads, then prompt sets),
+        if kept (count, D) fp16 unit embeddings, and with ``captions`` each image's cosine with its caption
+        (NaN where there is none)."""
         with torch.inference_mode():
             encode = self._compiled or self.clip.model.encode_image
             with _autocast(self.clip.device, self._autocast):
@@ -226,9 +236,28 @@ class EmbedScore:
             row_scores = self.head_bank.score_matrix(unit)
             if self.prompt_bank is not None:
                 row_scores = torch.cat([row_scores, self.prompt_bank.score_matrix(unit)], dim=1)
+            row_similarity = self._caption_cosines(unit, captions) if captions is not None else None
             row_scores = row_scores.cpu().numpy()
             row_embeddings = unit.half().cpu().numpy() if self.write_embeddings else None
-        return row_scores, row_embeddings
+        return row_scores, row_embeddings, row_similarity
+
+    def _caption_cosines(self, unit: torch.Tensor, captions: Sequence[str | None]) -> np.ndarray:
+        """Cosine of each unit image embedding with its caption's unit text embedding (open_clip's tokenizer
+        truncates a caption to the model's context), NaN for a row without a caption."""
+        similarity = np.full(len(captions), np.nan, dtype=np.float32)
+        present = [i for i, caption in enumerate(captions) if caption]
+        if present:
+            text = embed_texts(self.clip, [captions[i] for i in present])
+            similarity[present] = (unit[present] * text).sum(dim=-1).cpu().numpy()
+        return similarity
+
+
+def _captions(batch: Mapping[str, Any], rows: np.ndarray) -> list[str | None]:
+    """The rows' captions, None for a missing or blank one."""
+    column = batch.get(schema.CAPTION)
+    if column is None:
+        return [None] * len(rows)
+    return [c if isinstance(c, str) and c.strip() else None for c in (column[i] for i in rows)]
 
 
 def _bucket(count: int) -> int:

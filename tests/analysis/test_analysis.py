@@ -371,6 +371,7 @@ def test_report_shows_the_best_images_and_the_browser_loads_them(scored, table, 
                 key: f.dataset.key, position: f.dataset.position, band: f.dataset.band,
                 score: parseFloat(f.dataset.score), text: f.innerText}))""")
             best_visible = page.locator("figure.thumb").first.is_visible()
+            similarity_shown = page.locator("img#similarity").is_visible()
             table_text = page.locator("table.cutoffs").inner_text()
             shot = page.screenshot(full_page=True)
         finally:
@@ -390,6 +391,7 @@ def test_report_shows_the_best_images_and_the_browser_loads_them(scored, table, 
     captions = dict(zip(keys, ok[S.CAPTION].to_pylist()))
     assert captions[top_key][:40] in figures[0]["text"]
     assert "LAION" in table_text and "6.5" in table_text
+    assert similarity_shown, "the caption-similarity histogram, from the unit records"
     assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 10_000
 
 

@@ -176,6 +176,9 @@ class _DiesOnFirstBatch(torch.nn.Module):
             os._exit(1)
         return self.inner.encode_image(images)
 
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode_text(tokens)
+
 
 def _loader_that_dies_once(model_config, heads, search_dirs, marker: str):
     from pipeline.stages.embed import load_clip_and_heads

@@ -9,7 +9,7 @@ from pipeline.io import layout
 from pipeline.io.commits import UnitCommitter
 from pipeline.io.delta import committed_files, open_table
 from pipeline.io.units import read_units
-from pipeline.io.writer import CommitError, WriteStaging, commit_unit, score_summary
+from pipeline.io.writer import CommitError, WriteStaging, commit_unit, score_summary, similarity_summary
 
 IDENTITY = {"model_key": "tiny-random/seed=0|v2@abc", "tiny_random": True}
 
@@ -115,3 +115,11 @@ def test_cutoff_table_sums_manifests_beside_laion():
     assert by_threshold[6.5].laion_count == 625_000
     assert "| 6.5 |" in table.to_markdown()
     json.dumps(table.to_json())
+
+
+def test_similarity_summary_counts_rows_with_a_similarity_at_laions_cutoffs():
+    values = np.array([0.1, 0.28, 0.29, 0.31, np.nan, -1.0, 1.0])
+    summary = similarity_summary(values)
+    assert summary["count"] == 6 and summary["counts_ge"] == {"0.28": 4, "0.3": 2}
+    counts = summary["histogram"]["counts"]
+    assert len(counts) == 100 and sum(counts) == 6 and counts[0] == 1 and counts[-1] == 1

@@ -17,6 +17,7 @@ from pipeline.stages.embed import EmbedScore
 from tests.tolerances import (
     as_float64,
     assert_within,
+    dot_error_bound,
     gamma,
     head_reference,
     normalize_error_bound,
@@ -349,3 +350,36 @@ def test_two_threads_sharing_a_stage_get_what_one_thread_gets(tiny_clip, head_ba
     for one, other in zip(alone, together):
         np.testing.assert_array_equal(one[schema.AESTHETIC_SCORE], other[schema.AESTHETIC_SCORE])
         np.testing.assert_array_equal(one[schema.EMBEDDING], other[schema.EMBEDDING])
+
+
+def test_clip_similarity_is_the_cosine_of_each_image_with_its_own_caption(tiny_clip, head_bank) -> None:
+    """The stage tokenises captions with open_clip's own tokenizer (its 77-token truncation), embeds them
+    with the same model's text tower, and takes each image's cosine with its own caption, to within the
+    float32 rounding of the two normalisations and the product. No caption, no similarity (NaN)."""
+    statuses = ("ok", "ok", "decode_error", "ok", "ok", "ok")
+    long_caption = "a photo of a mountain lake at dawn, " * 20
+    captions = ["a red bicycle", long_caption, "a cat", "", None, "two dogs on a beach"]
+    batch = _batch(statuses=statuses)
+    batch[schema.CAPTION] = np.array(captions, dtype=object)
+    recording = _Recording(tiny_clip.model)
+    out = _stage(dataclasses.replace(tiny_clip, model=recording), head_bank, caption_similarity=True)(batch)
+
+    similarity = out[schema.CLIP_SIMILARITY]
+    assert similarity.dtype == np.float32
+    assert np.isnan(similarity[[2, 3, 4]]).all(), "a failed row, an empty and a missing caption have none"
+    with_caption = [0, 1, 5]
+    (tokens,) = recording.tokens
+    assert torch.equal(tokens, tiny_clip.tokenizer([captions[i] for i in with_caption]))
+    (image_features,) = recording.image_features  # the ok rows 0, 1, 3, 4, 5, in order
+    image_features = image_features[[0, 1, 4]]
+    (text_features,) = recording.text_features
+    image_unit = as_float64(image_features) / np.linalg.norm(as_float64(image_features), axis=1, keepdims=True)
+    text_unit = as_float64(text_features) / np.linalg.norm(as_float64(text_features), axis=1, keepdims=True)
+    expected = (image_unit * text_unit).sum(axis=1)
+    image_error, text_error = normalize_error_bound(image_features), normalize_error_bound(text_features)
+    # The product of two computed unit vectors: its own rounding with the image side's error carried
+    # through, plus the text side's error against the image vector.
+    bound = np.array([dot_error_bound(image_unit[i], text_unit[i], input_error=image_error[i]) for i in range(3)])
+    bound = bound + (np.abs(image_unit) * text_error).sum(axis=1)
+    assert_within(similarity[with_caption], expected, bound, "clip_similarity")
+    assert (np.abs(expected) > bound).all(), "the bound is tighter than the values it checks"
