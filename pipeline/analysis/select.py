@@ -208,9 +208,10 @@ def _top_rows(table: pa.Table, limit: int) -> pa.Table:
 
 def file_candidates(uri: str, query: np.ndarray, min_score: float | None, model_identity: str, limit: int,
                     storage_options: Mapping[str, Any] | None = None,
-                    batch_rows: int = 8192) -> tuple[pa.Table, int]:
-    """One data file's best ``limit`` rows for ``query`` among ok rows scoring >= ``min_score``, and how
-    many rows passed that filter.
+                    batch_rows: int = 8192, exclude: Mapping[str, frozenset[str]] | None = None
+                    ) -> tuple[pa.Table, int]:
+    """One data file's best ``limit`` rows for ``query`` among ok rows scoring >= ``min_score`` (and not in
+    ``exclude``, shard -> keys: the duplicates ``--dedup`` leaves out), and how many rows passed that filter.
 
     Plain function of its arguments: run in the driver or as a Ray task. The table carries
     :data:`CANDIDATE_COLUMNS` plus ``score_band`` and ``query_similarity``.
@@ -227,6 +228,10 @@ def file_candidates(uri: str, query: np.ndarray, min_score: float | None, model_
     best: pa.Table | None = None
     passing = 0
     for batch in dataset.to_batches(columns=columns, filter=expression, batch_size=batch_rows):
+        if exclude and batch.num_rows:
+            keep = [key not in exclude.get(shard, ()) for shard, key in
+                    zip(batch.column(S.SHARD).to_pylist(), batch.column(S.KEY).to_pylist())]
+            batch = batch.filter(pa.array(keep))
         passing += batch.num_rows
         if batch.num_rows == 0:
             continue
@@ -312,12 +317,24 @@ def check_embeddings(uris: Sequence[str], records: Mapping[str, Mapping[str, Any
         raise MissingEmbeddings(_missing_embeddings_message(missing))
 
 
+def _duplicates_by_shard(output: str, storage_options: Mapping[str, Any] | None) -> dict[str, frozenset[str]]:
+    """shard -> keys of the rows ``aesthetics dedup`` found to be another row's duplicate."""
+    from pipeline.dedup import duplicate_rows
+
+    duplicates = duplicate_rows(output, storage_options)
+    by_shard: dict[str, set[str]] = {}
+    for shard, key in zip(duplicates[S.SHARD].to_pylist(), duplicates[S.KEY].to_pylist()):
+        by_shard.setdefault(shard, set()).add(key)
+    return {shard: frozenset(keys) for shard, keys in by_shard.items()}
+
+
 def _candidates_local(uris: Sequence[str], query: np.ndarray, min_score: float | None, identity: str,
-                      limit: int, storage_options: Mapping[str, Any] | None) -> tuple[pa.Table, int]:
+                      limit: int, storage_options: Mapping[str, Any] | None,
+                      exclude: Mapping[str, frozenset[str]] | None = None) -> tuple[pa.Table, int]:
     best: pa.Table | None = None
     passing = 0
     for uri in uris:
-        found, count = file_candidates(uri, query, min_score, identity, limit, storage_options)
+        found, count = file_candidates(uri, query, min_score, identity, limit, storage_options, exclude=exclude)
         passing += count
         best = _merge([best, found] if best is not None else [found], limit)
     return (best if best is not None else pa.table({})), passing
@@ -325,6 +342,7 @@ def _candidates_local(uris: Sequence[str], query: np.ndarray, min_score: float |
 
 def _candidates_ray(uris: Sequence[str], query: np.ndarray, min_score: float | None, identity: str,
                     limit: int, storage_options: Mapping[str, Any] | None,
+                    exclude: Mapping[str, frozenset[str]] | None = None,
                     max_in_flight: int | None = None) -> tuple[pa.Table, int]:
     """One Ray task per file; results merged into the running top-``limit`` as they come back."""
     import ray
@@ -334,6 +352,7 @@ def _candidates_ray(uris: Sequence[str], query: np.ndarray, min_score: float | N
     ensure_ray()
     remote = ray.remote(num_cpus=1, max_retries=2)(file_candidates)
     query_ref = ray.put(query)
+    exclude_ref = ray.put(exclude)
     if max_in_flight is None:
         max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: list[Any] = []
@@ -344,7 +363,7 @@ def _candidates_ray(uris: Sequence[str], query: np.ndarray, min_score: float | N
         while queue or pending:
             while queue and len(pending) < max_in_flight:
                 pending.append(remote.remote(queue.pop(0), query_ref, min_score, identity, limit,
-                                             dict(storage_options or {})))
+                                             dict(storage_options or {}), exclude=exclude_ref))
             done, pending = ray.wait(pending, num_returns=1)
             found, count = ray.get(done[0])
             passing += count
@@ -428,6 +447,7 @@ class SelectOptions:
     pool_factor: int = 5  # diverse: MMR picks among the pool_factor * top_k most query-similar rows
     use_ray: bool | None = None  # None: Ray when the candidate files hold >= ray_min_rows rows
     ray_min_rows: int = DEFAULT_RAY_MIN_ROWS
+    dedup: bool = False  # leave out rows that are not their duplicate group's keeper (aesthetics dedup)
 
     def __post_init__(self) -> None:
         if not self.query or not self.query.strip():
@@ -489,8 +509,9 @@ def select_images(output: str, options: SelectOptions, model: ModelConfig | None
     plan = plan_files(output, records, query_model.identity, options.min_score, storage_options)
     use_ray = options.use_ray if options.use_ray is not None else plan.rows >= options.ray_min_rows
     gather = _candidates_ray if use_ray and plan.uris else _candidates_local
+    exclude = _duplicates_by_shard(output, storage_options) if options.dedup else None
     pool, count_passing = gather(plan.uris, query_model.embedding, options.min_score, query_model.identity,
-                                 options.pool, storage_options)
+                                 options.pool, storage_options, exclude)
     picks = _finish(pool, options, count_passing)
     embeddings = _embeddings(picks[S.EMBEDDING]) if picks.num_rows else np.zeros((0, 1), np.float32)
     plain = pool.slice(0, options.top_k) if pool.num_rows else pool
@@ -511,6 +532,7 @@ def select_images(output: str, options: SelectOptions, model: ModelConfig | None
         "files_skipped_by_band": plan.skipped_by_band,
         "rows_in_files_read": plan.rows,
         "used_ray": bool(use_ray and plan.uris),
+        "dedup": options.dedup,
         "selected": int(picks.num_rows),
         "mean_pairwise_distance": mean_pairwise_distance(embeddings),
         "mean_pairwise_distance_plain_top_k": mean_pairwise_distance(plain_embeddings),

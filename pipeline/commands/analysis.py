@@ -70,7 +70,8 @@ def _select(args: argparse.Namespace) -> int:
     options = dict(args.storage_option or [])
     select_options = SelectOptions(
         query=args.query, min_score=args.min_score, top_k=args.top_k, diverse=args.diverse,
-        mmr_lambda=args.mmr_lambda, pool_factor=args.pool_factor, use_ray=args.ray, ray_min_rows=args.ray_min_rows)
+        mmr_lambda=args.mmr_lambda, pool_factor=args.pool_factor, use_ray=args.ray, ray_min_rows=args.ray_min_rows,
+        dedup=args.dedup)
     selection = select_images(args.output, select_options, model=_model_override(args, args.output, options),
                               weights_dirs=tuple(args.weights_dir or ()), storage_options=options,
                               device=args.device)
@@ -107,6 +108,8 @@ def register(commands: Any) -> None:
     select.add_argument("--query", required=True, help="text to rank by (CLIP text embedding)")
     select.add_argument("--min-score", type=float, default=None, help="keep rows with aesthetic_score >= this")
     select.add_argument("--top-k", type=int, default=100)
+    select.add_argument("--dedup", action="store_true",
+                        help="pick each duplicate group's keeper only (groups from `aesthetics dedup`)")
     select.add_argument("--diverse", action="store_true",
                         help="spread the picks with maximal marginal relevance over the embeddings")
     select.add_argument("--mmr-lambda", type=float, default=0.5,

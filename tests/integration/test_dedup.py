@@ -123,3 +123,15 @@ def test_cutoffs_with_dedup_count_each_group_once(planted_output, capsys):
     deduped = capsys.readouterr().out
     assert "duplicate: 8" in deduped and "duplicate" not in plain
     assert "ok: 13" in plain and "ok: 5" in deduped
+
+
+def test_select_with_dedup_picks_one_row_of_each_group(planted_output):
+    from pipeline.analysis.select import SelectOptions, select_images
+
+    output, planted, name_of, _ = planted_output
+    dedup(output, threshold=THRESHOLD)
+    everything = select_images(output, SelectOptions(query="a photo", top_k=20))
+    keepers = select_images(output, SelectOptions(query="a photo", top_k=20, dedup=True))
+    picked = [name_of[(s, k)] for s, k in zip(keepers.table[S.SHARD].to_pylist(), keepers.table[S.KEY].to_pylist())]
+    assert everything.info["selected"] == 13 and keepers.info["selected"] == 5
+    assert all(len(group & set(picked)) == 1 for group in planted)
