@@ -62,9 +62,24 @@ def _column(values: Any, field: pa.Field) -> pa.Array:
     return pa.array(array, type=field.type)
 
 
+def _extra_field(name: str, values: Any) -> pa.Field:
+    """The type of a column the output schema does not name (other heads, prompt scores, quality metrics,
+    a stage's new column), from its values: numbers as float32, text as string, integers and flags as such."""
+    array = np.asarray(values)
+    if array.dtype.kind in "fc":
+        return pa.field(name, pa.float32())
+    if array.dtype.kind in "iu":
+        return pa.field(name, pa.int64())
+    if array.dtype.kind == "b":
+        return pa.field(name, pa.bool_())
+    if array.dtype.kind in "USO" and any(isinstance(v, (str, bytes)) for v in array.ravel()):
+        return pa.field(name, pa.string())
+    return pa.field(name, pa.float32())  # all None: a score column no row got
+
+
 def to_output_table(batch: Mapping[str, Any], keep_shard_rows: bool = False) -> pa.Table:
-    """A batch (numpy columns) as an Arrow table of the output schema; extra float columns
-    (other heads, prompt scores, quality metrics) keep their names as float32."""
+    """A batch (numpy columns) as an Arrow table of the output schema; a column the schema does not name
+    keeps its name, typed from its values (:func:`_extra_field`)."""
     batch = S.restore_null_text(dict(batch))
     fields = []
     for name, values in batch.items():
@@ -77,7 +92,7 @@ def to_output_table(batch: Mapping[str, Any], keep_shard_rows: bool = False) -> 
         elif name == S.EMBEDDING:
             fields.append(pa.field(S.EMBEDDING, pa.list_(pa.float16(), int(np.asarray(values).shape[1]))))
         else:
-            fields.append(pa.field(name, pa.float32()))
+            fields.append(_extra_field(name, values))
     order = {name: i for i, name in enumerate(_BASE)}
     # Known columns in schema order, extra scores after them by name, the wide embedding last.
     fields.sort(key=lambda f: (f.name == S.EMBEDDING, order.get(f.name, len(order)), f.name))

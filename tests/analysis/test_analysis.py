@@ -445,3 +445,6 @@ def test_notebook_runs_top_to_bottom(scored, notebook, monkeypatch):
     pictures = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
                 if "image/png" in o.get("data", {})]
     assert pictures, "the notebook drew nothing"
+    if notebook.name == "01_scores_overview.ipynb":
+        printed = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
+        assert "images with a caption" in printed, "the caption-similarity histogram, from the unit records"

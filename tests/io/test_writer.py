@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline import schema as S
@@ -123,3 +124,14 @@ def test_similarity_summary_counts_rows_with_a_similarity_at_laions_cutoffs():
     assert summary["count"] == 6 and summary["counts_ge"] == {"0.28": 4, "0.3": 2}
     counts = summary["histogram"]["counts"]
     assert len(counts) == 100 and sum(counts) == 6 and counts[0] == 1 and counts[-1] == 1
+
+
+def test_a_column_the_schema_does_not_name_is_typed_from_its_values():
+    from pipeline.io.writer import to_output_table
+
+    batch = {S.KEY: np.array(["a", "b"], dtype=object), "score_extra": np.array([0.5, np.nan], dtype=np.float32),
+             "note": np.array(["x", None], dtype=object), "count": np.array([1, 2]), "flag": np.array([True, False])}
+    table = to_output_table(batch)
+    assert {f.name: f.type for f in table.schema if f.name != S.KEY} == {
+        "score_extra": pa.float32(), "note": pa.string(), "count": pa.int64(), "flag": pa.bool_()}
+    assert table["note"].to_pylist() == ["x", None]
