@@ -19,12 +19,13 @@ order from the best image of the highest band down, so tools (and tests) can mat
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -81,17 +82,34 @@ def merged_histogram(records: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, 
     return edges, counts, under, over
 
 
-def histogram_png(records: Sequence[Mapping[str, Any]], title: str = "", width_in: float = 9.0,
-                  height_in: float = 3.2, dpi: int = 110) -> bytes:
-    """The score histogram with LAION's thresholds as dashed lines, as PNG bytes (matplotlib, Agg)."""
+@contextlib.contextmanager
+def _plot(width_in: float, height_in: float, dpi: int) -> Iterator[tuple[Any, Any]]:
+    """A matplotlib figure and axes on the Agg backend, closed afterwards."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    edges, counts, under, over = merged_histogram(records)
     figure, axes = plt.subplots(figsize=(width_in, height_in), dpi=dpi)
     try:
+        yield figure, axes
+    finally:
+        plt.close(figure)
+
+
+def _png(figure: Any, axes: Any) -> bytes:
+    axes.spines[["top", "right"]].set_visible(False)
+    figure.tight_layout()
+    sink = io.BytesIO()
+    figure.savefig(sink, format="png")
+    return sink.getvalue()
+
+
+def histogram_png(records: Sequence[Mapping[str, Any]], title: str = "", width_in: float = 9.0,
+                  height_in: float = 3.2, dpi: int = 110) -> bytes:
+    """The score histogram with LAION's thresholds as dashed lines, as PNG bytes (matplotlib, Agg)."""
+    edges, counts, under, over = merged_histogram(records)
+    with _plot(width_in, height_in, dpi) as (figure, axes):
         axes.bar(edges[:-1], counts, width=S.HIST_STEP, align="edge", color="#4c78a8", edgecolor="white")
         nonzero = np.flatnonzero(counts)
         low = min(edges[nonzero[0]] if nonzero.size else 4.0, min(S.LAION_THRESHOLDS)) - 0.5
@@ -107,13 +125,7 @@ def histogram_png(records: Sequence[Mapping[str, Any]], title: str = "", width_i
         axes.set_ylabel("images")
         note = f"  (outside [{S.HIST_LOW:g}, {S.HIST_HIGH:g}): {under} below, {over} above)" if under or over else ""
         axes.set_title((title or "Score histogram") + note, fontsize=10)
-        axes.spines[["top", "right"]].set_visible(False)
-        figure.tight_layout()
-        sink = io.BytesIO()
-        figure.savefig(sink, format="png")
-        return sink.getvalue()
-    finally:
-        plt.close(figure)
+        return _png(figure, axes)
 
 
 def similarity_png(records: Sequence[Mapping[str, Any]], width_in: float = 9.0, height_in: float = 2.6,
@@ -123,15 +135,9 @@ def similarity_png(records: Sequence[Mapping[str, Any]], width_in: float = 9.0, 
     summaries = [r["clip_similarity"] for r in records if r.get("clip_similarity")]
     if not summaries or not sum(s["count"] for s in summaries):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     counts = np.sum([np.asarray(s["histogram"]["counts"], dtype=np.int64) for s in summaries], axis=0)
     edges = np.linspace(S.SIMILARITY_LOW, S.SIMILARITY_HIGH, len(counts) + 1)
-    figure, axes = plt.subplots(figsize=(width_in, height_in), dpi=dpi)
-    try:
+    with _plot(width_in, height_in, dpi) as (figure, axes):
         axes.bar(edges[:-1], counts, width=S.SIMILARITY_STEP, align="edge", color="#72b7b2", edgecolor="white")
         nonzero = np.flatnonzero(counts)
         axes.set_xlim(min(edges[nonzero[0]], 0.2) - 0.05, max(edges[nonzero[-1] + 1], 0.35) + 0.05)
@@ -140,13 +146,7 @@ def similarity_png(records: Sequence[Mapping[str, Any]], width_in: float = 9.0, 
         axes.set_xlabel("clip_similarity: image-caption cosine (0.02-wide bins); dashed: LAION's 0.28 and 0.3")
         axes.set_ylabel("images")
         axes.set_title(f"Caption similarity ({int(counts.sum()):,} images with a caption)", fontsize=10)
-        axes.spines[["top", "right"]].set_visible(False)
-        figure.tight_layout()
-        sink = io.BytesIO()
-        figure.savefig(sink, format="png")
-        return sink.getvalue()
-    finally:
-        plt.close(figure)
+        return _png(figure, axes)
 
 
 def pick_thumbnail_rows(con: Any, view: str, per_position: int) -> tuple[dict[str, int], list[dict[str, Any]]]:
