@@ -61,10 +61,11 @@ def decode_rate_per_core(shards: Path, batch_size: int) -> float:
 def run_at(shards: Path, rate: float, batch_size: int, name: str, concurrent: int = 1) -> dict:
     from pipeline.runner import run_score
 
-    config = make_config(str(shards), fresh_output(name), batch_size, cpus_per_actor=ACTOR_CPUS,
+    output = fresh_output(name)
+    config = make_config(str(shards), output, batch_size, cpus_per_actor=ACTOR_CPUS,
                          min_actors=1, max_actors=1, concurrent_batches_per_actor=concurrent)
     config = config.replace(caption_similarity=False)  # the simulated accelerator is an image tower only
-    log = Path(f"{fresh_output(name)}-accelerator.log")
+    log = Path(f"{output}-accelerator.log")
     log.write_text("")
     loader = functools.partial(simulated_loader, config.model, config.heads, config.weights_dirs, rate, str(log))
     start = time.perf_counter()

@@ -121,6 +121,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from bench.batches import numpy_batch
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRATCH = ROOT / "bench-output" / "gpu_check"
 DEFAULT_MODELS = ("ViT-L-14-quickgelu", "ViT-B-32-quickgelu")
@@ -303,21 +305,6 @@ def _worker_ready(_: int) -> int:
     return os.getpid()
 
 
-def _numpy_columns(table: Any) -> dict[str, np.ndarray]:
-    """An Arrow table as the numpy batch Ray Data hands a batch_format="numpy" UDF (bench.plain_loop's
-    numpy_batch, which is not imported: plain_loop imports pipeline.runner, and with it Ray)."""
-    import pyarrow as pa
-
-    out = {}
-    for name in table.column_names:
-        column = table.column(name)
-        values = column.to_numpy(zero_copy_only=False)
-        if (pa.types.is_string(column.type) or pa.types.is_binary(column.type)) and values.dtype != object:
-            values = values.astype(object)
-        out[name] = values
-    return out
-
-
 def _read_and_decode(tar: str, sidecar: str, offset: int) -> tuple[dict[str, np.ndarray], float, float]:
     """One pool task: read and join a shard as the read stage does, decode it, pixels into the ring at
     ``offset``. (the small columns, read seconds, decode seconds)."""
@@ -325,7 +312,7 @@ def _read_and_decode(tar: str, sidecar: str, offset: int) -> tuple[dict[str, np.
     from pipeline.stages.read import read_shard_rows, to_table
 
     started = time.perf_counter()
-    batch = _numpy_columns(to_table(read_shard_rows(tar, sidecar), tar, "gpu-check"))
+    batch = numpy_batch(to_table(read_shard_rows(tar, sidecar), tar, "gpu-check"))
     read_s = time.perf_counter() - started
     out = _WORKER["decode"](batch)
     _WORKER["ring"][offset:offset + len(out[S.PIXELS])] = out[S.PIXELS]
@@ -562,7 +549,7 @@ def decode_first_rows(shard: tuple[str, str], n: int, size: int, interpolation: 
     from pipeline.stages.read import read_shard_rows, to_table
 
     table = to_table(read_shard_rows(*shard), shard[0], "gpu-check").slice(0, n)
-    out = Decode(DecodeConfig(), image_size=size, interpolation=interpolation)(_numpy_columns(table))
+    out = Decode(DecodeConfig(), image_size=size, interpolation=interpolation)(numpy_batch(table))
     return list(out[S.KEY]), np.ascontiguousarray(out[S.PIXELS])
 
 

@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
+from bench.batches import numpy_batch
 from pipeline.config import ScoreConfig
 from pipeline.cutoffs import write_cutoffs
 from pipeline.io.commits import UnitCommitter
@@ -41,18 +41,6 @@ class PlainSummary:
     wall_s: float = 0.0
     stage_s: dict[str, float] = field(default_factory=lambda: {
         "load": 0.0, "read": 0.0, "decode": 0.0, "embed": 0.0, "stage": 0.0, "commit": 0.0})
-
-
-def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
-    """An Arrow table as the numpy column batch Ray Data hands a ``batch_format="numpy"`` UDF."""
-    out = {}
-    for name in table.column_names:
-        column = table.column(name)
-        values = column.to_numpy(zero_copy_only=False)
-        if (pa.types.is_string(column.type) or pa.types.is_binary(column.type)) and values.dtype != object:
-            values = values.astype(object)
-        out[name] = values
-    return out
 
 
 def run_plain(config: ScoreConfig, embed_loader: Any = None, run_id: str | None = None) -> PlainSummary:

@@ -126,7 +126,7 @@ def read_batches(shards_dir: Path, batch_size: int) -> list[dict[str, np.ndarray
     """Every shard read and joined as the read stage does, cut into numpy batches of ``batch_size`` rows."""
     import pyarrow as pa
 
-    from bench.plain_loop import numpy_batch
+    from bench.batches import numpy_batch
     from pipeline.stages.read import read_shard_rows, to_table
 
     tables = []
