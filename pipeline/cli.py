@@ -18,10 +18,6 @@ from pipeline.config import PRECISIONS, ConfigError, ScoreConfig, config_from_ma
 from pipeline.errors import ExitCode, explain
 from pipeline.io import layout
 
-# Modules under pipeline/commands that add subcommands: each has register(commands) -> None.
-COMMAND_MODULES: tuple[str, ...] = ("pipeline.commands.analysis", "pipeline.commands.cluster", "pipeline.commands.heads",
-                                     "pipeline.commands.housekeeping", "pipeline.commands.dedup")
-
 TINY_WARNING = (
     "\n" + "!" * 78 + "\n"
     "!! TINY RANDOM-WEIGHT MODEL: no CLIP weights were given, so this run uses a tiny\n"
@@ -267,9 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(run=cmd_migrate)
 
     import importlib
+    import pkgutil
 
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register(commands)
+    import pipeline.commands
+
+    # Every module under pipeline/commands with a register(commands) adds its subcommands: a new command
+    # is one new module there. Name order keeps the help listing stable.
+    for module in sorted(m.name for m in pkgutil.iter_modules(pipeline.commands.__path__)):
+        register = getattr(importlib.import_module(f"pipeline.commands.{module}"), "register", None)
+        if register is not None:
+            register(commands)
     return parser
 
 

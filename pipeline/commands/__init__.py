@@ -1,1 +1,2 @@
-"""Subcommands of `aesthetics` beyond score/cutoffs; each module has register(commands)."""
+"""Subcommands of `aesthetics` beyond score/cutoffs: every module here with a ``register(commands)`` is
+found by the CLI and adds its subcommands, so a new command is one new module."""
