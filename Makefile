@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # site config here also points at a CPU-only torch that breaks torchvision, which uv ignores.
 UV     := $(PYTHON) -m uv
 
-.PHONY: install demo lint test test-fast bench bench-scale bench-gpu gpu-check clean
+.PHONY: install demo lint test test-fast bench bench-scale bench-index bench-gpu gpu-check clean
 
 install: $(STAMP)
 
@@ -45,6 +45,9 @@ bench: install
 
 bench-scale: install
 	$(BIN)/python -m bench.bench_scale
+
+bench-index: install
+	$(BIN)/python -m bench.bench_index
 
 bench-gpu: install
 	$(BIN)/python -m bench.run_gpu

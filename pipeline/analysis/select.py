@@ -58,7 +58,7 @@ import re
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -69,9 +69,11 @@ from pipeline import bands
 from pipeline import schema as S
 from pipeline.analysis.reading import fetch_images
 from pipeline.config import TINY_MODEL, ModelConfig
+from pipeline.index import describe, open_index, stale_units
 from pipeline.io.delta import embeddings_of
 from pipeline.io.storage import filesystem, full_uri, join, write_bytes_atomic
 from pipeline.io.units import read_units
+from pipeline.io.units import versions as unit_versions
 
 log = logging.getLogger(__name__)
 
@@ -276,12 +278,14 @@ class FilePlan:
 
 
 def plan_files(output: str, records: Mapping[str, Mapping[str, Any]], model_identity: str,
-               min_score: float | None, storage_options: Mapping[str, Any] | None = None) -> FilePlan:
-    """The committed files that can hold a candidate: units of this model, bands that reach ``min_score``."""
+               min_score: float | None, storage_options: Mapping[str, Any] | None = None,
+               units: Collection[str] | None = None) -> FilePlan:
+    """The committed files that can hold a candidate: units of this model (among ``units`` when given),
+    bands that reach ``min_score``."""
     fs, root = filesystem(output, storage_options)
     uris, rows, skipped = [], 0, 0
-    for record in records.values():
-        if model_identity not in (record.get("model") or []):
+    for unit_id, record in records.items():
+        if model_identity not in (record.get("model") or []) or (units is not None and unit_id not in units):
             continue
         for entry in record["files"]:
             band = entry.get("band", "")
@@ -448,6 +452,8 @@ class SelectOptions:
     use_ray: bool | None = None  # None: Ray when the candidate files hold >= ray_min_rows rows
     ray_min_rows: int = DEFAULT_RAY_MIN_ROWS
     dedup: bool = False  # leave out rows that are not their duplicate group's keeper (aesthetics dedup)
+    use_index: bool | None = None  # None: the output's ANN index when it holds this model; True: it or fail
+    candidates: int | None = None  # rows the index proposes for exact re-ranking (default 10 x the pool)
 
     def __post_init__(self) -> None:
         if not self.query or not self.query.strip():
@@ -458,6 +464,8 @@ class SelectOptions:
             raise SelectionError(f"mmr_lambda must be in [0, 1], got {self.mmr_lambda}")
         if self.pool_factor < 1:
             raise SelectionError(f"pool_factor must be >= 1, got {self.pool_factor}")
+        if self.candidates is not None and self.candidates < 1:
+            raise SelectionError(f"candidates must be >= 1, got {self.candidates}")
         if self.min_score is not None and not math.isfinite(self.min_score):
             raise SelectionError(f"min_score must be finite, got {self.min_score}")
 
@@ -506,12 +514,29 @@ def select_images(output: str, options: SelectOptions, model: ModelConfig | None
         check_embeddings(plan.uris, records, storage_options)
     if query_model is None:
         query_model = embed_query(options.query, records, model, weights_dirs, storage_options, device)
-    plan = plan_files(output, records, query_model.identity, options.min_score, storage_options)
+    exclude = _duplicates_by_shard(output, storage_options) if options.dedup else None
+    index = _usable_index(output, options, query_model.identity, storage_options)
+    brute_units = None
+    pool, count_passing, index_info = None, 0, None
+    if index is not None:
+        # The index answers for the units it holds at their current version; units scored since it was
+        # last updated are read from their files, so a query never misses them (nor sees stale rows).
+        current = {u: version for u, (version, _) in unit_versions(output, storage_options).items()
+                   if query_model.identity in (records.get(u, {}).get("model") or [])}
+        stale = stale_units(index, current)
+        pool, count_passing = index.search(query_model.embedding, options.pool, options.candidates,
+                                           options.min_score, exclude, skip_units=stale)
+        brute_units = stale
+        index_info = {**describe(index.manifest), "candidates": options.candidates or 10 * options.pool,
+                      "units_read_from_files": len(stale)}
+    plan = plan_files(output, records, query_model.identity, options.min_score, storage_options, brute_units)
     use_ray = options.use_ray if options.use_ray is not None else plan.rows >= options.ray_min_rows
     gather = _candidates_ray if use_ray and plan.uris else _candidates_local
-    exclude = _duplicates_by_shard(output, storage_options) if options.dedup else None
-    pool, count_passing = gather(plan.uris, query_model.embedding, options.min_score, query_model.identity,
-                                 options.pool, storage_options, exclude)
+    if plan.uris or pool is None:
+        found, passing = gather(plan.uris, query_model.embedding, options.min_score, query_model.identity,
+                                options.pool, storage_options, exclude)
+        pool = found if pool is None else _merge([pool, found], options.pool)
+        count_passing += passing
     picks = _finish(pool, options, count_passing)
     embeddings = _embeddings(picks[S.EMBEDDING]) if picks.num_rows else np.zeros((0, 1), np.float32)
     plain = pool.slice(0, options.top_k) if pool.num_rows else pool
@@ -533,6 +558,7 @@ def select_images(output: str, options: SelectOptions, model: ModelConfig | None
         "rows_in_files_read": plan.rows,
         "used_ray": bool(use_ray and plan.uris),
         "dedup": options.dedup,
+        "index": index_info,
         "selected": int(picks.num_rows),
         "mean_pairwise_distance": mean_pairwise_distance(embeddings),
         "mean_pairwise_distance_plain_top_k": mean_pairwise_distance(plain_embeddings),
@@ -540,6 +566,19 @@ def select_images(output: str, options: SelectOptions, model: ModelConfig | None
         "seconds": round(time.time() - started, 3),
     }
     return Selection(picks, info)
+
+
+def _usable_index(output: str, options: SelectOptions, identity: str, storage_options: Mapping[str, Any] | None):
+    """The output's ANN index when the options allow it and it holds ``identity``'s embeddings."""
+    if options.use_index is False:
+        return None
+    index = open_index(output, storage_options)
+    if index is not None and index.model == identity:
+        return index
+    if options.use_index:
+        why = "has no index" if index is None else f"has an index of {index.model}, not {identity}"
+        raise SelectionError(f"{output} {why}: run `aesthetics index {output}` first")
+    return None
 
 
 def _finish(pool: pa.Table, options: SelectOptions, count_passing: int) -> pa.Table:

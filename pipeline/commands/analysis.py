@@ -71,7 +71,7 @@ def _select(args: argparse.Namespace) -> int:
     select_options = SelectOptions(
         query=args.query, min_score=args.min_score, top_k=args.top_k, diverse=args.diverse,
         mmr_lambda=args.mmr_lambda, pool_factor=args.pool_factor, use_ray=args.ray, ray_min_rows=args.ray_min_rows,
-        dedup=args.dedup)
+        dedup=args.dedup, use_index=False if args.no_index else None, candidates=args.candidates)
     selection = select_images(args.output, select_options, model=_model_override(args, args.output, options),
                               weights_dirs=tuple(args.weights_dir or ()), storage_options=options,
                               device=args.device)
@@ -83,6 +83,10 @@ def _select(args: argparse.Namespace) -> int:
     print(f"selected {info['selected']} of {info['rows_passing']} rows with score >= {args.min_score} "
           f"({info['method']}; {info['files_read']} files read, {info['files_skipped_by_band']} skipped by band, "
           f"{'Ray' if info['used_ray'] else 'local'}; {info['seconds']:.1f}s)")
+    if info.get("index"):
+        about = info["index"]
+        print(f"index: {about['factory']} over {about['rows']:,} rows, {about['candidates']} candidates re-ranked "
+              f"exactly; {about['units_read_from_files']} units scored since it was updated read from their files")
     print(f"mean pairwise embedding distance: {info['mean_pairwise_distance']:.4f} "
           f"(plain top-K: {info['mean_pairwise_distance_plain_top_k']:.4f})")
     print(json.dumps(written, indent=2))
@@ -110,6 +114,11 @@ def register(commands: Any) -> None:
     select.add_argument("--top-k", type=int, default=100)
     select.add_argument("--dedup", action="store_true",
                         help="pick each duplicate group's keeper only (groups from `aesthetics dedup`)")
+    select.add_argument("--no-index", action="store_true",
+                        help="compare the query with every stored embedding, even where `aesthetics index` built an "
+                             "index (the exact answer, at the cost of reading every file)")
+    select.add_argument("--candidates", type=int,
+                        help="rows the index proposes for exact re-ranking (default: 10 x the pool)")
     select.add_argument("--diverse", action="store_true",
                         help="spread the picks with maximal marginal relevance over the embeddings")
     select.add_argument("--mmr-lambda", type=float, default=0.5,
