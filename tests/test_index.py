@@ -154,6 +154,7 @@ def test_index_then_select_picks_what_brute_force_picks(arriving):
 
 def test_an_update_after_a_nightly_run_adds_the_new_unit_only(arriving):
     folder, output, late, (heads, weights_dirs) = arriving
+    build_index(output)
     before = build_index(output)  # idempotent when nothing arrived
     assert before.parts_added == 0 and before.units_added == 0 and not before.trained
     old_parts = {p["name"] for p in before.manifest.parts}
@@ -196,3 +197,28 @@ def test_the_index_command_prints_one_line_and_refuses_bad_options(arriving):
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "index", output, "--nprobe", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--nprobe must be >= 1" in bad.stderr
+
+
+def test_a_unit_scored_again_sends_its_part_back_and_its_old_files_go(arriving, tmp_path):
+    from pipeline.config import HeadSpec, WeightsSpec
+    from pipeline.demo import random_v2_head
+    from pipeline.runner import run_score
+
+    folder, output, _, _ = arriving
+    before = build_index(output)
+    old_names = {p["name"] for p in before.manifest.parts if p["name"]}
+    path, digest = random_v2_head(tmp_path)  # another head: every unit is stale and scored again
+    config = ScoreConfig(
+        input=(str(folder),), output=output, model=ModelConfig(name="tiny-random", precision="fp32"),
+        heads=(HeadSpec("another-head", WeightsSpec(path, digest)),), shards_per_unit=1, write_embeddings=True,
+        rescore=True,
+        decode=DecodeConfig(batch_size=16), resources=ResourcesConfig(embed_batch_size=16))
+    assert run_score(config).ok
+    after = build_index(output)
+    assert after.parts_dropped == len(old_names) and after.units_added == len(read_units(output))
+    parts = Path(output) / "_index" / "parts"
+    left = {p.name.split(".")[0] for p in parts.iterdir()}
+    assert left == {p["name"] for p in after.manifest.parts if p["name"]} and not left & old_names
+    query_model = embed_query(QUERY, read_units(output))
+    brute, indexed = _brute_and_indexed(output, query_model, top_k=10)
+    _assert_same_picks(brute, indexed, query_model.embedding)
