@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
 from pipeline import schema as S
 from pipeline.io import layout
 from pipeline.io.storage import filesystem, join, write_bytes_atomic, write_json_atomic
@@ -97,7 +99,10 @@ DUPLICATE = "duplicate"  # with --dedup: an ok row that is not its duplicate gro
 def without_duplicates(facts: Mapping[str, Mapping[str, Any]], duplicates: Iterable[Mapping[str, Any]]
                        ) -> list[dict[str, Any]]:
     """Unit facts with each duplicate (a row of ``aesthetics dedup``'s table that is not its group's keeper)
-    moved from ``ok`` to ``duplicate`` and out of the score counts: the cutoff table of the keepers."""
+    moved from ``ok`` to ``duplicate`` and out of the score counts (and out of the score histogram, where
+    the facts are whole records): the cutoff table of the keepers."""
+    from pipeline.io.writer import score_summary
+
     adjusted = {unit: copy.deepcopy(dict(fact)) for unit, fact in facts.items()}
     for row in duplicates:
         fact = adjusted.get(row[S.UNIT])
@@ -111,6 +116,12 @@ def without_duplicates(facts: Mapping[str, Mapping[str, Any]], duplicates: Itera
             score["scored"] -= 1
             for threshold in S.LAION_THRESHOLDS:
                 score["counts_ge"][str(threshold)] -= value >= threshold
+            if "histogram" in score:  # the bin the writer counted it in: the same function places it
+                own = score_summary(np.asarray([value], dtype=np.float32))["histogram"]
+                histogram = score["histogram"]
+                histogram["counts"] = [a - b for a, b in zip(histogram["counts"], own["counts"])]
+                histogram["underflow"] -= own["underflow"]
+                histogram["overflow"] -= own["overflow"]
     return list(adjusted.values())
 
 

@@ -1,7 +1,8 @@
 """`aesthetics dedup OUTPUT`: exact and near duplicates among an output's committed ``ok`` rows.
 
 Exact duplicates share ``image_sha256`` (the same bytes under two keys). Near duplicates are found the way
-SemDeDup does (Abbas et al., 2023): the stored unit embeddings are clustered with k-means (faiss), each
+SemDeDup does (Abbas et al., 2023): the stored unit embeddings are clustered with k-means (faiss; the
+cells of the output's ANN index when `aesthetics index` built one for the same model), each
 row is placed in its two nearest clusters (so pairs straddling a boundary are still compared), and inside
 each cluster every pair whose cosine reaches the threshold is joined; the clusters are compared in parallel
 Ray tasks, so the quadratic part never spans the whole set. Rows joined directly or through others
@@ -59,6 +60,7 @@ class DedupResult:
     clusters: int
     threshold: float
     data_version: int
+    clusters_from_index: bool = False  # the ANN index's cells served as the clusters
 
 
 def dedup_uri(output: str) -> str:
@@ -74,7 +76,7 @@ def _ok_rows(output: str, storage_options: Mapping[str, Any] | None) -> tuple[pa
     if S.IMAGE_SHA256 not in names:
         raise InputError(f"{output} has no {S.IMAGE_SHA256} column (scored before it existed): score it again "
                          f"with --rescore to deduplicate")
-    wanted = [S.SHARD, S.KEY, S.UNIT, S.AESTHETIC_SCORE, S.IMAGE_SHA256]
+    wanted = [S.SHARD, S.KEY, S.UNIT, S.AESTHETIC_SCORE, S.IMAGE_SHA256, S.MODEL]
     if S.EMBEDDING in names:
         wanted.append(S.EMBEDDING)
     dataset = table.to_pyarrow_dataset()
@@ -110,21 +112,27 @@ def _close_pairs(vectors: np.ndarray, members: np.ndarray, threshold: float) -> 
     return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
 
 
-def _near_edges(vectors: np.ndarray, threshold: float, clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs at cosine >= threshold inside each k-means cluster, compared in Ray tasks."""
+def _near_edges(vectors: np.ndarray, threshold: float, clusters: int, seed: int,
+                centroids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs at cosine >= threshold inside each k-means cluster (``centroids`` when given, e.g. the ANN
+    index's cells, else ``clusters`` trained here), compared in Ray tasks."""
     import faiss
     import ray
 
     from pipeline.ray_session import ensure_ray
 
-    # faiss trains on at most 256 points a centroid (a sample of a large set) and takes any number fewer.
-    kmeans = faiss.Kmeans(vectors.shape[1], clusters, niter=20, seed=seed, spherical=True, verbose=False,
-                          min_points_per_centroid=1)
-    kmeans.train(vectors)
+    if centroids is None:
+        # faiss trains on at most 256 points a centroid (a sample of a large set) and takes any number fewer.
+        kmeans = faiss.Kmeans(vectors.shape[1], clusters, niter=20, seed=seed, spherical=True, verbose=False,
+                              min_points_per_centroid=1)
+        kmeans.train(vectors)
+        centroids = kmeans.centroids
+    assigner = faiss.IndexFlatIP(vectors.shape[1])
+    assigner.add(np.ascontiguousarray(centroids, dtype=np.float32))
     # Each row joins its PROBES nearest clusters, not only its own: two near duplicates on either side of a
     # cluster boundary would otherwise never be compared (plain SemDeDup misses them).
-    probes = min(PROBES, clusters)
-    _, assignment = kmeans.index.search(vectors, probes)
+    probes = min(PROBES, len(centroids))
+    _, assignment = assigner.search(vectors, probes)
     cluster_of = assignment.ravel()
     row_of = np.repeat(np.arange(len(vectors)), probes)
     order = np.argsort(cluster_of, kind="stable")
@@ -155,6 +163,18 @@ def _close_pairs_of_clusters(vectors: np.ndarray, clusters: list[np.ndarray], th
     return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
 
 
+def _index_cells(output: str, rows: pa.Table, storage_options: Mapping[str, Any] | None) -> np.ndarray | None:
+    """The ANN index's coarse centroids when it indexes these rows' model: k-means already trained on them."""
+    from pipeline.index import open_index
+
+    index = open_index(output, storage_options)
+    if index is None or index.manifest.dim != len(rows[S.EMBEDDING][0]) or \
+            set(pc.unique(rows[S.MODEL]).to_pylist()) != {index.model}:
+        return None
+    quantizer = index.index.quantizer
+    return quantizer.reconstruct_n(0, quantizer.ntotal)
+
+
 def dedup(output: str, threshold: float = DEFAULT_THRESHOLD, clusters: int | None = None, seed: int = 0,
           storage_options: Mapping[str, Any] | None = None) -> DedupResult:
     """Find the duplicate groups of ``output``'s committed ok rows and write them to ``<output>/_dedup``."""
@@ -168,13 +188,14 @@ def dedup(output: str, threshold: float = DEFAULT_THRESHOLD, clusters: int | Non
     n = rows.num_rows
     left, right = _exact_edges(rows[S.IMAGE_SHA256].to_pylist())
     near_searched = S.EMBEDDING in rows.column_names and n > 1
-    used_clusters = 0
+    used_clusters, centroids = 0, None
     if near_searched:
         vectors = embeddings_of(rows[S.EMBEDDING])
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # stored as fp16
-        used_clusters = clusters or max(1, min(n // 2, round(math.sqrt(n))))
+        centroids = None if clusters else _index_cells(output, rows, storage_options)
+        used_clusters = len(centroids) if centroids is not None else clusters or max(1, min(n // 2, round(math.sqrt(n))))
         near_left, near_right = _near_edges(np.ascontiguousarray(vectors, dtype=np.float32), threshold,
-                                            used_clusters, seed)
+                                            used_clusters, seed, centroids)
         left, right = np.concatenate([left, near_left]), np.concatenate([right, near_right])
 
     graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
@@ -207,7 +228,8 @@ def dedup(output: str, threshold: float = DEFAULT_THRESHOLD, clusters: int | Non
     duplicates = [r for r, k in zip(out["reason"], out["keeper"]) if not k]
     result = DedupResult(rows=n, groups=len(keeper_of), duplicates=len(duplicates),
                          exact=duplicates.count("exact"), near=duplicates.count("near"), near_searched=near_searched,
-                         clusters=used_clusters, threshold=threshold, data_version=data_version)
+                         clusters=used_clusters, threshold=threshold, data_version=data_version,
+                         clusters_from_index=near_searched and centroids is not None)
     uri = dedup_uri(output)
     write_deltalake(table_uri(uri), table, mode="overwrite", schema_mode="overwrite",
                     storage_options=storage_options_for(uri, storage_options),

@@ -335,21 +335,37 @@ ranged read at its recorded tar offset and size.</p>
 
 
 def build_report(output: str, storage_options: Mapping[str, Any] | None = None, per_position: int = 3,
-                 thumb_size: int = 192, title: str | None = None) -> tuple[str, ReportInfo]:
-    """(HTML text, what went into it) for the committed units under ``output``."""
+                 thumb_size: int = 192, title: str | None = None, dedup: bool = False) -> tuple[str, ReportInfo]:
+    """(HTML text, what went into it) for the committed units under ``output``; with ``dedup``, each
+    duplicate group (``aesthetics dedup``) counts and shows as its keeper only."""
     started = time.time()
     records = read_units(output, storage_options)
+    duplicates = None
+    if dedup:
+        from pipeline.cutoffs import without_duplicates
+        from pipeline.dedup import duplicate_rows
+
+        duplicates = duplicate_rows(output, storage_options)
+        records = {r["unit"]: r for r in without_duplicates(
+            records, duplicates.select([S.UNIT, S.AESTHETIC_SCORE]).to_pylist())}
     tables = build_tables(records.values())
     import duckdb
 
     con = duckdb.connect()
     try:
         duckdb_relation(output, con=con, view_name="scores", storage_options=storage_options)
-        bands, rows = pick_thumbnail_rows(con, "scores", per_position) if records else ({}, [])
+        view = "scores"
+        if duplicates is not None:
+            con.register("duplicates", duplicates.select([S.SHARD, S.KEY]))
+            con.execute(f"CREATE VIEW keepers AS SELECT * FROM scores ANTI JOIN duplicates USING ({S.SHARD}, {S.KEY})")
+            view = "keepers"
+        bands, rows = pick_thumbnail_rows(con, view, per_position) if records else ({}, [])
     finally:
         con.close()
     thumbs = load_thumbs(rows, storage_options, thumb_size)
     histogram = histogram_png(list(records.values()))
+    if dedup:
+        title = title or f"Aesthetic scores: {output} (duplicates counted once)"
     text = render_html(output, tables, histogram, bands, thumbs, title, similarity_png(list(records.values())))
     info = ReportInfo(output=output, html_path=None, bands=bands, thumbs=thumbs, tables=list(tables),
                       seconds=round(time.time() - started, 3), html_bytes=len(text.encode()))
@@ -358,9 +374,9 @@ def build_report(output: str, storage_options: Mapping[str, Any] | None = None, 
 
 def write_report(output: str, out: str, storage_options: Mapping[str, Any] | None = None,
                  out_storage_options: Mapping[str, Any] | None = None, per_position: int = 3,
-                 thumb_size: int = 192, title: str | None = None) -> ReportInfo:
+                 thumb_size: int = 192, title: str | None = None, dedup: bool = False) -> ReportInfo:
     """Build the report of ``output`` and write it to ``out`` (a path or URI of the .html file)."""
-    text, info = build_report(output, storage_options, per_position, thumb_size, title)
+    text, info = build_report(output, storage_options, per_position, thumb_size, title, dedup)
     fs, path = filesystem(out, out_storage_options if out_storage_options is not None else storage_options)
     write_bytes_atomic(fs, path, text.encode())
     info.html_path = out

@@ -19,7 +19,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     options = dict(args.storage_option or [])
     info = write_report(args.output, args.out, options, per_position=args.per_bucket, thumb_size=args.thumb_size,
-                        title=args.title)
+                        title=args.title, dedup=args.dedup)
     missing = [t for t in info.thumbs if t.jpeg is None]
     print(f"wrote {args.out} ({info.html_bytes / 1024:.0f} KiB, {len(info.thumbs)} thumbnails over "
           f"{len(info.bands)} score bands, {info.seconds:.1f}s)")
@@ -102,6 +102,8 @@ def register(commands: Any) -> None:
     report.add_argument("--per-bucket", type=int, default=3, help="images per position (best/median/worst) per band")
     report.add_argument("--thumb-size", type=int, default=192, help="thumbnail longest side, pixels")
     report.add_argument("--title")
+    report.add_argument("--dedup", action="store_true",
+                        help="count and show each duplicate group (`aesthetics dedup`) once: its keeper")
     add_storage_options(report)
     report.set_defaults(run=cmd_report)
 

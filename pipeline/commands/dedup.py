@@ -12,7 +12,8 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     from pipeline.dedup import dedup, dedup_uri
 
     result = dedup(args.output, args.threshold, args.clusters, args.seed, dict(args.storage_option or []))
-    how = (f"near duplicates at cosine >= {result.threshold:g} within {result.clusters} k-means clusters"
+    clusters = "cells of the ANN index" if result.clusters_from_index else "k-means clusters"
+    how = (f"near duplicates at cosine >= {result.threshold:g} within {result.clusters} {clusters}"
            if result.near_searched else "no embeddings stored (score with --write-embeddings): exact duplicates only")
     print(f"{result.rows:,} ok rows (table version {result.data_version}): {result.groups:,} groups hold "
           f"{result.duplicates:,} duplicates ({result.exact:,} same bytes as their keeper, {result.near:,} near); "

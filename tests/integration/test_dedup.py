@@ -135,3 +135,44 @@ def test_select_with_dedup_picks_one_row_of_each_group(planted_output):
     picked = [name_of[(s, k)] for s, k in zip(keepers.table[S.SHARD].to_pylist(), keepers.table[S.KEY].to_pylist())]
     assert everything.info["selected"] == 13 and keepers.info["selected"] == 5
     assert all(len(group & set(picked)) == 1 for group in planted)
+
+
+def test_report_with_dedup_counts_and_shows_each_group_once(planted_output):
+    from pipeline.analysis.report import build_report, merged_histogram
+    from pipeline.io.units import read_units
+
+    output, planted, name_of, _ = planted_output
+    dedup(output, threshold=THRESHOLD)
+    _, plain = build_report(output, per_position=5)
+    text, deduped = build_report(output, per_position=5, dedup=True)
+    shown = {name_of[(t.shard, t.key)] for t in deduped.thumbs}
+    assert len(plain.thumbs) == 13 and len(shown) == len(deduped.thumbs) == 5
+    assert all(len(group & shown) == 1 for group in planted)
+    assert deduped.tables[0].counts_by_status["ok"] == 5 and deduped.tables[0].counts_by_status["duplicate"] == 8
+    assert sum(deduped.bands.values()) == 5 and "duplicates counted once" in text
+    # The histogram the page draws loses exactly the duplicates' scores, each from its own bin.
+    from pipeline.cutoffs import without_duplicates
+    from pipeline.dedup import duplicate_rows
+
+    records = list(read_units(output).values())
+    duplicates = duplicate_rows(output).select([S.UNIT, S.AESTHETIC_SCORE]).to_pylist()
+    _, before, _, _ = merged_histogram(records)
+    _, after, under, over = merged_histogram(without_duplicates({r["unit"]: r for r in records}, duplicates))
+    edges = np.linspace(S.HIST_LOW, S.HIST_HIGH, S.HIST_BINS + 1)
+    removed, _ = np.histogram(np.asarray([d[S.AESTHETIC_SCORE] for d in duplicates], np.float32), bins=edges)
+    assert before.sum() == 13 and after.sum() + under + over == 5
+    assert np.array_equal(before - after, removed)
+
+
+def test_dedup_takes_the_index_cells_as_its_clusters_when_there_is_an_index(planted_output):
+    from pipeline.index import build_index
+
+    output, planted, name_of, _ = planted_output
+    cells = build_index(output).manifest.nlist
+    result = dedup(output, threshold=THRESHOLD)
+    found, _ = read_dedup(output)
+    assert result.clusters_from_index and result.clusters == cells
+    groups: dict[int, set[str]] = {}
+    for shard, key, group in zip(found[S.SHARD].to_pylist(), found[S.KEY].to_pylist(), found["group_id"].to_pylist()):
+        groups.setdefault(group, set()).add(name_of[(shard, key)])
+    assert sorted(map(sorted, groups.values())) == sorted(map(sorted, planted))
