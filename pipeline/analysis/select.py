@@ -55,7 +55,6 @@ import json
 import logging
 import math
 import re
-import tarfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Collection, Mapping, Sequence
@@ -64,6 +63,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import webdataset
 
 from pipeline import bands
 from pipeline import schema as S
@@ -632,17 +632,13 @@ def write_webdataset(selection: Selection, path_uri: str, storage_options: Mappi
     images = fetch_images(rows, source_storage_options)
     names = _member_keys([r[S.KEY] for r in rows], [r[RANK] for r in rows])
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+    # webdataset's own writer: the members are exactly what its readers (and img2dataset) expect.
+    with webdataset.TarWriter(buffer, encoder=False, mtime=0) as archive:
         for name, row, data in zip(names, rows, images):
             extension = (row.get(S.IMAGE_FORMAT) or "jpg").lower()
             meta = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
-            for member, payload in ((f"{name}.{extension}", data),
-                                    (f"{name}.txt", (row.get(S.CAPTION) or "").encode()),
-                                    (f"{name}.json", json.dumps(meta, sort_keys=True, default=str).encode())):
-                info = tarfile.TarInfo(member)
-                info.size = len(payload)
-                info.mtime = 0
-                archive.addfile(info, io.BytesIO(payload))
+            archive.write({"__key__": name, extension: data, "txt": (row.get(S.CAPTION) or "").encode(),
+                           "json": json.dumps(meta, sort_keys=True, default=str).encode()})
     fs, path = filesystem(path_uri, storage_options)
     write_bytes_atomic(fs, path, buffer.getvalue())
     return len(rows)

@@ -277,6 +277,10 @@ def test_cli_select_writes_parquet_and_a_webdataset_of_the_picks(scored, table, 
                 assert image == source.extractfile(row[S.MEMBER]).read()
             assert archive.extractfile(f"{row[S.KEY]}.txt").read().decode() == row[S.CAPTION]
             assert f"{row[S.KEY]}.json" in names
+    import webdataset
+
+    samples = list(webdataset.WebDataset(str(out / "selection-000000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == picks[S.KEY].to_pylist()  # webdataset reads it back, in rank order
     assert (out / "selection.json").exists()
 
 
