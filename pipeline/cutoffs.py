@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+from tabulate import tabulate
 
 from pipeline import schema as S
 from pipeline.io import layout
@@ -59,12 +60,12 @@ class CutoffTable:
             f"Model: `{self.model_key}` — {self.units} units, {self.rows} rows, {self.scored} scored "
             f"(fractions are of scored rows; LAION's are of all {LAION_2B_EN_SAMPLES:,} LAION-2B-en samples).",
             "",
-            "| score ≥ | our count | our fraction | LAION count | LAION fraction |",
-            "|---:|---:|---:|---:|---:|",
+            tabulate([(f"{row.threshold:g}", f"{row.count:,}",
+                       f"{row.fraction:.4%}" if row.fraction is not None else "n/a",
+                       f"{row.laion_count:,}", f"{row.laion_fraction:.4%}") for row in self.rows_by_threshold],
+                     headers=["score ≥", "our count", "our fraction", "LAION count", "LAION fraction"],
+                     tablefmt="pipe", disable_numparse=True, colalign=("right",) * 5),
         ]
-        for row in self.rows_by_threshold:
-            ours = f"{row.fraction:.4%}" if row.fraction is not None else "n/a"
-            lines.append(f"| {row.threshold:g} | {row.count:,} | {ours} | {row.laion_count:,} | {row.laion_fraction:.4%} |")
         status = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts_by_status.items()))
         lines += ["", f"Rows by status: {status}"]
         return "\n".join(lines) + "\n"

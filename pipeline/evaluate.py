@@ -136,14 +136,12 @@ def evaluate_columns(frame: pd.DataFrame, score_columns: Sequence[str], label_co
 
 
 def to_markdown(metrics: pd.DataFrame) -> str:
-    """The metrics table as Markdown (no extra dependency: pandas' to_markdown needs tabulate)."""
-    columns = ["column", *metrics.columns]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for name, row in metrics.iterrows():
-        cells = [str(name)] + [str(int(value)) if metric in COUNT_METRICS and math.isfinite(value) else f"{value:.4f}"
-                               for metric, value in row.items()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The metrics table as Markdown: counts as integers, the rest to four decimals."""
+    from tabulate import tabulate
+
+    rows = [[str(name)] + [str(int(value)) if metric in COUNT_METRICS and math.isfinite(value) else f"{value:.4f}"
+                           for metric, value in row.items()] for name, row in metrics.iterrows()]
+    return tabulate(rows, headers=["column", *metrics.columns], tablefmt="pipe", disable_numparse=True)
 
 
 def plot_evaluation(frame: pd.DataFrame, metrics: pd.DataFrame, label_column: str = "label",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import html
 import io
 import logging
 import time
@@ -223,115 +222,46 @@ def load_thumbs(rows: Sequence[Mapping[str, Any]], storage_options: Mapping[str,
 
 # HTML -----------------------------------------------------------------------------------------------
 
-_CSS = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1180px;
-       color: #222; padding: 0 16px; }
-h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 18px; margin-top: 28px; border-bottom: 1px solid #ddd; }
-h3 { font-size: 15px; margin: 18px 0 6px; } .meta { color: #666; font-size: 12px; }
-.warning { background: #fff3cd; border: 1px solid #e0b400; padding: 8px 12px; font-weight: 600; }
-table { border-collapse: collapse; margin: 8px 0; } th, td { border: 1px solid #ddd; padding: 4px 10px; }
-th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.hist { max-width: 100%; height: auto; }
-.row { display: flex; flex-wrap: wrap; gap: 10px; align-items: flex-start; }
-.position { width: 64px; font-weight: 600; color: #555; padding-top: 8px; text-transform: uppercase; font-size: 11px; }
-figure.thumb { margin: 0; width: 200px; background: #fafafa; border: 1px solid #e5e5e5; border-radius: 4px; }
-figure.thumb img { display: block; width: 200px; height: 150px; object-fit: contain; background: #eee; }
-figure.thumb figcaption { padding: 4px 6px; font-size: 12px; }
-.score { font-weight: 700; font-variant-numeric: tabular-nums; } .key { color: #888; font-size: 11px; }
-.missing { width: 200px; height: 150px; display: flex; align-items: center; justify-content: center;
-           color: #a00; font-size: 11px; text-align: center; }
-"""
+
+def _template() -> Any:
+    """The page template (``pipeline/data/report.html.j2``), rendered with autoescaping: every caption, key
+    and URL comes from the data and is escaped by Jinja, not by hand."""
+    import jinja2
+
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "data"),
+                                     autoescape=True, undefined=jinja2.StrictUndefined)
+    return environment.get_template("report.html.j2")
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _cutoff_html(table: CutoffTable) -> str:
-    rows = "".join(
-        f"<tr><td class=num>{r.threshold:g}</td><td class=num>{r.count:,}</td>"
-        f"<td class=num>{'n/a' if r.fraction is None else f'{r.fraction:.4%}'}</td>"
-        f"<td class=num>{r.laion_count:,}</td><td class=num>{r.laion_fraction:.4%}</td></tr>"
-        for r in table.rows_by_threshold)
-    return (f"<p>Model <code>{_e(table.model_key)}</code>: {table.units} units, {table.rows:,} rows, "
-            f"{table.scored:,} scored. Our fractions are of scored rows; LAION's of all LAION-2B-en samples.</p>"
-            f"<table class=cutoffs><tr><th>score &ge;</th><th>our count</th><th>our fraction</th>"
-            f"<th>LAION count</th><th>LAION fraction</th></tr>{rows}</table>")
-
-
-def _status_html(tables: Sequence[CutoffTable]) -> str:
+def _statuses(tables: Sequence[CutoffTable]) -> list[tuple[str, int, float]]:
     counts: dict[str, int] = {}
     for table in tables:
         for status, count in table.counts_by_status.items():
             counts[status] = counts.get(status, 0) + count
     total = sum(counts.values()) or 1
-    rows = "".join(f"<tr><td>{_e(s)}</td><td class=num>{c:,}</td><td class=num>{c / total:.2%}</td></tr>"
-                   for s, c in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
-    return f"<table class=status><tr><th>status</th><th>rows</th><th>share</th></tr>{rows}</table>"
+    return [(s, c, c / total) for s, c in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
 
 
-def _figure(thumb: Thumb) -> str:
-    attributes = (f'data-key="{_e(thumb.key)}" data-shard="{_e(thumb.shard)}" data-score="{thumb.score:.6f}" '
-                  f'data-band="{_e(thumb.band)}" data-position="{_e(thumb.position)}"')
+def _thumb_context(thumb: Thumb) -> dict[str, Any]:
     caption = thumb.caption if len(thumb.caption) <= 140 else thumb.caption[:137] + "..."
-    if thumb.jpeg is not None:
-        image = (f'<img alt="{_e(caption)}" title="{_e(thumb.url)}" '
-                 f'src="data:image/jpeg;base64,{base64.b64encode(thumb.jpeg).decode()}">')
-    else:
-        image = f'<div class=missing>image unavailable<br>{_e(thumb.error)}</div>'
-    return (f"<figure class=thumb {attributes}>{image}<figcaption><span class=score>{thumb.score:.3f}</span> "
-            f"<span class=key>{_e(thumb.key)}</span><br>{_e(caption)}</figcaption></figure>")
-
-
-def _similarity_html(similarity: bytes | None) -> str:
-    if similarity is None:
-        return ""
-    return ('<h2>Caption similarity</h2>\n<img class=hist id=similarity alt="clip_similarity histogram" '
-            f'src="data:image/png;base64,{base64.b64encode(similarity).decode()}">')
+    return {"key": thumb.key, "shard": thumb.shard, "score": thumb.score, "band": thumb.band,
+            "position": thumb.position, "url": thumb.url, "caption": caption, "error": thumb.error,
+            "jpeg": base64.b64encode(thumb.jpeg).decode() if thumb.jpeg is not None else None}
 
 
 def render_html(output: str, tables: Sequence[CutoffTable], histogram: bytes, bands: Mapping[str, int],
                 thumbs: Sequence[Thumb], title: str | None = None, similarity: bytes | None = None) -> str:
-    title = title or f"Aesthetic scores: {output}"
-    warning = ""
-    if any(t.tiny_random for t in tables):
-        warning = ("<p class=warning>Scored with the tiny random-weight model: these scores mean nothing "
-                   "(the page shows the format, not aesthetics).</p>")
     sections = []
     for band, count in bands.items():
-        groups = []
-        for position in POSITIONS:
-            members = [t for t in thumbs if t.band == band and t.position == position]
-            if members:
-                groups.append(f"<div class=row data-position=\"{position}\"><div class=position>{position}</div>"
-                              + "".join(_figure(t) for t in members) + "</div>")
-        sections.append(f"<section class=band data-band=\"{_e(band)}\"><h3>Band {_e(band)} "
-                        f"<span class=meta>({count:,} scored images)</span></h3>{''.join(groups)}</section>")
-    generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{csp}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)}</title><style>{_CSS}</style></head>
-<body>
-<h1>{_e(title)}</h1>
-<p class=meta>Output <code>{_e(output)}</code> &middot; committed units only &middot; generated {generated}</p>
-{warning}
-<h2>Cutoff table</h2>
-{''.join(_cutoff_html(t) for t in tables) or '<p>No committed units.</p>'}
-<h2>Score histogram</h2>
-<img class=hist id=histogram alt="score histogram with the LAION thresholds marked"
- src="data:image/png;base64,{base64.b64encode(histogram).decode()}">
-{_similarity_html(similarity)}
-<h2>Rows by status</h2>
-{_status_html(tables)}
-<h2>Images by score band</h2>
-<p class=meta>Per band, highest first: the best, median and worst images; each read from its shard with one
-ranged read at its recorded tar offset and size.</p>
-{''.join(sections) or '<p>No scored images.</p>'}
-</body></html>
-"""
+        rows = [(position, [_thumb_context(t) for t in thumbs if t.band == band and t.position == position])
+                for position in POSITIONS]
+        sections.append({"name": band, "count": count, "rows": [(p, members) for p, members in rows if members]})
+    return _template().render(
+        title=title or f"Aesthetic scores: {output}", output=output,
+        generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        tiny_random=any(t.tiny_random for t in tables), tables=list(tables), statuses=_statuses(tables),
+        histogram=base64.b64encode(histogram).decode(),
+        similarity=base64.b64encode(similarity).decode() if similarity is not None else None, bands=sections)
 
 
 def build_report(output: str, storage_options: Mapping[str, Any] | None = None, per_position: int = 3,

@@ -194,10 +194,12 @@ def _jobs(job_client: Any, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
             return ExitCode.OK
-        print(f"{'SUBMISSION ID':<48} {'STATUS':<10} {'STARTED':<21} {'TOOK':>8}  ENTRYPOINT")
-        for row in rows:
-            entry = row["entrypoint"] if len(row["entrypoint"]) <= 70 else row["entrypoint"][:67] + "..."
-            print(f"{row['id']:<48} {row['status']:<10} {row['start']:<21} {row['duration']:>8}  {entry}")
+        from tabulate import tabulate
+
+        print(tabulate([(row["id"], row["status"], row["start"], row["duration"],
+                         row["entrypoint"] if len(row["entrypoint"]) <= 70 else row["entrypoint"][:67] + "...")
+                        for row in rows], headers=["SUBMISSION ID", "STATUS", "STARTED", "TOOK", "ENTRYPOINT"],
+                       tablefmt="plain", disable_numparse=True, colalign=("left", "left", "left", "right", "left")))
         return ExitCode.OK
     job = args.submission_id
     if action == "status":

@@ -162,13 +162,13 @@ def cmd_train_head(args: argparse.Namespace) -> int:
         uncertain_out=args.uncertain_out, max_cosine=args.max_cosine, workers=args.workers,
         train_storage=args.train_storage, storage_options=_options(args))
     print(f"labelled rows: {report.labelled_rows} ({report.unmatched_labels} labels had no scored ok row)")
-    print("| arch | loss | lr | weight_decay | best epoch | val SRCC | val PLCC | val MSE | val accuracy |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for trial in report.trials:
-        val = trial.metrics["val"]
-        print(f"| {trial.config.arch} | {trial.config.loss} | {trial.config.lr:g} | {trial.config.weight_decay:g} "
-              f"| {trial.best_epoch}/{trial.epochs_run} | {_fmt(val['srcc'])} | {_fmt(val['plcc'])} "
-              f"| {_fmt(val['mse'])} | {_fmt(val['accuracy'])} |")
+    from tabulate import tabulate
+
+    print(tabulate([(t.config.arch, t.config.loss, f"{t.config.lr:g}", f"{t.config.weight_decay:g}",
+                     f"{t.best_epoch}/{t.epochs_run}", _fmt(t.metrics["val"]["srcc"]), _fmt(t.metrics["val"]["plcc"]),
+                     _fmt(t.metrics["val"]["mse"]), _fmt(t.metrics["val"]["accuracy"])) for t in report.trials],
+                   headers=["arch", "loss", "lr", "weight_decay", "best epoch", "val SRCC", "val PLCC", "val MSE",
+                            "val accuracy"], tablefmt="pipe", disable_numparse=True))
     record = report.record
     test = record["metrics"].get("test")
     if test:
