@@ -129,7 +129,7 @@ def model_config_from_key(model_key: str) -> ModelConfig:
     return ModelConfig(name=name, pretrained=_PIN.sub("", weights), precision="fp32")
 
 
-def _same_model(loaded_identity: str, recorded_identity: str) -> bool:
+def same_model(loaded_identity: str, recorded_identity: str) -> bool:
     """Architecture and weights digest agree (the label, a tag or a file name, may differ)."""
     if loaded_identity == recorded_identity:
         return True
@@ -180,7 +180,7 @@ def embed_query(query: str, records: Mapping[str, Mapping[str, Any]], model: Mod
                                  f"choose one with --model/--pretrained")
         model = configs.pop()
     clip = load_clip(model, device=device or "cpu", search_dirs=tuple(weights_dirs), storage_options=storage_options)
-    matching = [identity for identity in recorded if _same_model(clip.identity, identity)]
+    matching = [identity for identity in recorded if same_model(clip.identity, identity)]
     if not matching:
         raise SelectionError(f"the loaded model is {clip.identity}, but the embeddings were made with "
                              f"{sorted(recorded)}; a text query must be embedded by the same model")

@@ -12,12 +12,12 @@ from pipeline.analysis.reading import bands_at_least, score_filter
 from pipeline.analysis.select import (
     SelectionError,
     SelectOptions,
-    _same_model,
     centred_unit,
     mean_pairwise_distance,
     mmr,
     model_config_from_key,
     model_config_of,
+    same_model,
 )
 
 
@@ -82,11 +82,11 @@ def test_model_identity_of_older_manifests_is_read_from_the_model_key():
 
 
 def test_same_model_compares_architecture_and_weights_digest_not_labels():
-    assert _same_model("ViT-L-14-quickgelu/openai@0123456789ab", "ViT-L-14-quickgelu/model.safetensors@0123456789ab")
-    assert not _same_model("ViT-L-14-quickgelu/openai@0123456789ab", "ViT-L-14-quickgelu/openai@ffffffffffff")
-    assert not _same_model("ViT-B-32/openai@0123456789ab", "ViT-L-14-quickgelu/openai@0123456789ab")
-    assert _same_model("tiny-random(seed=0)", "tiny-random(seed=0)")
-    assert not _same_model("tiny-random(seed=0)", "tiny-random(seed=1)")
+    assert same_model("ViT-L-14-quickgelu/openai@0123456789ab", "ViT-L-14-quickgelu/model.safetensors@0123456789ab")
+    assert not same_model("ViT-L-14-quickgelu/openai@0123456789ab", "ViT-L-14-quickgelu/openai@ffffffffffff")
+    assert not same_model("ViT-B-32/openai@0123456789ab", "ViT-L-14-quickgelu/openai@0123456789ab")
+    assert same_model("tiny-random(seed=0)", "tiny-random(seed=0)")
+    assert not same_model("tiny-random(seed=0)", "tiny-random(seed=1)")
 
 
 def test_select_options_are_validated():
