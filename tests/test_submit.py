@@ -13,6 +13,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -283,7 +284,7 @@ def fake(monkeypatch):
         return holder["jobs"]
 
     monkeypatch.setattr(S, "client", client)
-    monkeypatch.setattr(S.time, "sleep", lambda s: None)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
     holder["seen"] = seen  # type: ignore[assignment]
     return holder
 
