@@ -4,7 +4,7 @@
 
 Inputs, all JPEG:
 
-* img2dataset-made shards at 256 and 512 px (issue 5's target): the sample photos (skimage's, with their
+* img2dataset-made shards at 256 and 512 px (the decode target): the sample photos (skimage's, with their
   degraded variants; 105 images) served on 127.0.0.1 and fetched by img2dataset with ``image_size`` 256 or
   512, ``keep_ratio``, upscaling allowed so every shortest side is exactly that; quality 95. Built once
   under bench-output/decode/ (about 10 s each).
@@ -21,7 +21,7 @@ even on a busy machine (best of a few passes). Paths:
 * MAD: mean absolute difference from the reference tensor in normalised units ((x/255 - mean) / std),
   averaged over images (mean) and for the worst image (max). Target for the fast path: < 0.02.
 
-Goal (issue 5): the fast path at least 2x the reference's images/s per core on the 256 and 512 px shards.
+Goal: the fast path at least 2x the reference's images/s per core on the 256 and 512 px shards.
 """
 
 from __future__ import annotations
