@@ -33,9 +33,21 @@ def _head(text: str) -> dict[str, Any]:
     return {"uri": uri, "sha256": pin or None}
 
 
+def _input_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"input option {text!r} is not KEY=VALUE")
+    return key, value
+
+
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", action="append", required=False,
-                        help="shards: a folder/prefix, a glob, or one .tar; repeat for several (any fsspec URI)")
+                        help="a folder/prefix, a glob, or single files; repeat for several (any fsspec URI)")
+    parser.add_argument("--input-format",
+                        help="a module of pipeline/sources: webdataset (img2dataset shards), files (images with "
+                             ".txt/.json beside them), ...; default: auto, the one format the input fits")
+    parser.add_argument("--input-option", action="append", type=_input_option, metavar="KEY=VALUE",
+                        help="an option of the input format, e.g. files_per_unit=1000 (files); repeat for several")
     parser.add_argument("--output", help="output prefix (any fsspec URI)")
     parser.add_argument("--config", help="YAML file with the same settings (flags override it)")
     parser.add_argument("--model", help="open_clip model name (default ViT-L-14-quickgelu; 'tiny-random' for tests)")
@@ -131,6 +143,13 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
         values["weights_dirs"] = args.weights_dir
     if args.shards_per_unit is not None:
         values["shards_per_unit"] = args.shards_per_unit
+    if args.input_format is not None or args.input_option:
+        source = dict(values.get("source", {}))
+        if args.input_format is not None:
+            source["format"] = args.input_format
+        if args.input_option:
+            source["options"] = {**source.get("options", {}), **dict(args.input_option)}
+        values["source"] = source
     for flag in ("write_embeddings", "rescore", "prompts", "exclude_hashes", "caption_similarity"):
         if getattr(args, flag) is not None:
             values[flag] = getattr(args, flag)

@@ -87,6 +87,8 @@ DEFAULT_HEAD = "sac+logos+ava1-l14-linearMSE"
 
 # A random-weight stand-in for CLIP, for tests and for machines that reach no model hub.
 TINY_MODEL = "tiny-random"
+# The same tiny architecture under a name that takes a weights file (a fine-tuned tiny model, in tests).
+TINY_ARCH = "tiny-arch"
 DEFAULT_PRETRAINED = "openai"
 
 
@@ -206,6 +208,30 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class InputConfig:
+    """What the input is: its format (a module of pipeline.sources, or ``auto``) and that format's options.
+
+    ``auto`` is resolved from the listing before anything runs; the options are then checked and typed by
+    the format itself (its ``parse_options``), so a format's settings live with the format."""
+
+    format: str = "auto"
+    options: Any = field(default_factory=dict)  # a mapping as given; the format's typed options once parsed
+
+    def __post_init__(self) -> None:
+        from pipeline.sources import get_source, source_names
+
+        formats = ("auto", *source_names())
+        _require(self.format in formats, f"input format {self.format!r} is not one of {', '.join(formats)}")
+        if self.format != "auto" and isinstance(self.options, Mapping):
+            object.__setattr__(self, "options", get_source(self.format).parse_options(self.options))
+
+    def resolved(self, format: str) -> "InputConfig":
+        """This config for the format ``auto`` turned out to be, its options checked against that format."""
+        options = self.options if self.format == format else dict(self.options)
+        return InputConfig(format, options)
+
+
+@dataclass(frozen=True)
 class ScoreConfig:
     """One scoring job: which shards, where the output goes, which model and heads."""
 
@@ -216,6 +242,7 @@ class ScoreConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     shards_per_unit: int = 4
+    source: InputConfig = field(default_factory=InputConfig)
     write_embeddings: bool = False
     # clip_similarity: the caption's text embedding (same CLIP, open_clip's tokenizer) against the image's
     caption_similarity: bool = True
@@ -296,6 +323,8 @@ def config_from_mapping(values: Mapping[str, Any]) -> ScoreConfig:
         values["decode"] = _build(DecodeConfig, values["decode"], "decode")
     if "resources" in values:
         values["resources"] = _build(ResourcesConfig, values["resources"], "resources")
+    if "source" in values:
+        values["source"] = _build(InputConfig, values["source"], "source")
     if "heads" in values:
         heads = []
         for item in values["heads"]:

@@ -1,6 +1,6 @@
 """The one place that wires Ray Data and sets resources.
 
-    shard descriptions -> read (CPU tasks) -> decode (CPU tasks) -> embed+score (actor pool, GPU
+    work items (pipeline.sources) -> read (CPU tasks) -> decode (CPU tasks) -> embed+score (actor pool, GPU
     when the cluster has one) -> stage to Parquet (CPU tasks) -> tiny stats rows to the driver
 
 Read, decode and staging are stateless tasks so they spread over CPU nodes and scale with them;
@@ -10,17 +10,18 @@ only the model holder is an actor, loaded once per actor.
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any, Callable, Sequence
 
 import ray
 
 from pipeline.config import ScoreConfig
 from pipeline.exclusions import Exclusions
-from pipeline.io.shards import WorkUnit
 from pipeline.models.clip import image_geometry
 from pipeline.models.prompts import load_prompt_sets
+from pipeline.sources import WorkUnit, get_source
 from pipeline.stages.embed import EmbedScore
-from pipeline.stages.tasks import decode_images, read_shard, stage_rows
+from pipeline.stages.tasks import decode_images, read_items, stage_rows
 
 STAGING_CPUS = 0.5  # staging writes are I/O; they should not hold a whole core from decode
 
@@ -71,26 +72,29 @@ def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
     """The whole pipeline as one lazy Dataset of per-(unit, shard) stats rows."""
     resources = config.resources
     storage: dict[str, Any] = dict(config.storage_options)
-    items = [{"unit": u.unit_id, "name": s.name, "tar": s.tar or "", "sidecar": s.sidecar or ""}
-             for u in units for s in u.shards]
+    source = get_source(config.source.format)
+    step = source.items_per_task
+    # JSON, so a read task's items reach it as one string whatever their fields are.
+    tasks = [{"unit": u.unit_id, "items": json.dumps([item.task() for item in u.shards[i:i + step]])}
+             for u in units for i in range(0, len(u.shards), step)]
     image_size, interpolation = image_geometry(config.model)
     gpus = gpus_per_actor(config)
     # A CPU actor runs more threads than its num_cpus: they must yield a shared core, not spin on it.
     # libgomp reads OMP_WAIT_POLICY once, when torch loads, so it is set for the actor's process.
     actor_env = {} if gpus else {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}
 
-    ds = ray.data.from_items(items, override_num_blocks=len(items))  # one read task per shard
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))  # one read task per few items
     ds.context.op_resource_reservation_enabled = resources.reserve_per_operator  # derived datasets copy it
     ds = ds.map_batches(
-        read_shard, fn_kwargs={"storage_options": storage, "rows_per_batch": config.decode.batch_size,
-                               "exclusions": exclusions},
+        read_items, fn_kwargs={"source": source.name, "options": config.source.options, "storage_options": storage,
+                               "rows_per_batch": config.decode.batch_size, "exclusions": exclusions},
         batch_size=1, batch_format="numpy", num_cpus=1, concurrency=resources.read_concurrency,
     )
     ds = ds.map_batches(
         decode_images,
         fn_kwargs={"decode_config": config.decode, "image_size": image_size, "interpolation": interpolation},
         # The read already yields blocks of decode.batch_size rows. A batch size here would also be
-        # the fused read+decode task's input size, i.e. that many *shards* in one task.
+        # the fused read+decode task's input size, i.e. that many *read tasks* in one task.
         batch_size=None, batch_format="numpy", num_cpus=resources.decode_cpus,
         concurrency=resources.decode_task_limit,
     )
@@ -105,7 +109,7 @@ def build_dataset(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str,
             "caption_similarity": config.caption_similarity,
         },
         batch_size=resources.embed_batch_size, batch_format="numpy",
-        compute=embed_pool(config, len(items), gpus),
+        compute=embed_pool(config, len(tasks), gpus),
         num_gpus=gpus, num_cpus=resources.cpus_per_actor, **actor_env,
         # The model's host memory, so Ray places actors where they fit. Being a request decode does
         # not make, it also keeps Ray from fusing decode into the model holder when no GPU is asked

@@ -1,6 +1,6 @@
 """What a run must do: which units are done, which are pending and why, judged by what scored them.
 
-A unit is done when its record lists exactly its shards at their current versions and was scored by
+A unit is done when its record lists exactly its work items (shards, image files, ...) at their current versions and was scored by
 the same model identity: the CLIP weights' sha256, the precision they ran in and each head's sha256.
 Where a file lives and what it is called play no part: the same weights copied elsewhere score the same.
 """
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from pipeline.config import ScoreConfig
-from pipeline.io.shards import Shard, WorkUnit, plan_units
 from pipeline.io.units import read_facts
+from pipeline.sources import WorkItem, WorkUnit, get_source
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +87,20 @@ def pending_reason(unit: WorkUnit, record: Mapping[str, Any] | None, key: str | 
     return None
 
 
-def plan_run(config: ScoreConfig, shards: Sequence[Shard],
+def plan_run(config: ScoreConfig, shards: Sequence[WorkItem],
              records: Mapping[str, Mapping[str, Any]] | None = None) -> Plan:
-    """Units of ``shards`` against what ``config.output`` has committed, for a pinned ``config``."""
+    """Units of the work items ``shards`` against what ``config.output`` has committed, for a pinned
+    ``config`` (its input format resolved)."""
     if records is None:
         records = read_facts(config.output, config.storage_options)
-    shards_per_unit = committed_shards_per_unit(records) or config.shards_per_unit
-    if shards_per_unit != config.shards_per_unit:
-        # Regrouping would give committed shards new unit ids, and their rows would exist twice.
-        log.warning("output %s was scored with %d shards per unit; keeping that (not %d)",
-                    config.output, shards_per_unit, config.shards_per_unit)
-    units = plan_units(shards, shards_per_unit)
+    source = get_source(config.source.format)
+    wanted = source.per_unit(config)
+    shards_per_unit = committed_shards_per_unit(records) or wanted
+    if shards_per_unit != wanted:
+        # Regrouping would give committed items new unit ids, and their rows would exist twice.
+        log.warning("output %s was scored with %d work items per unit; keeping that (not %d)",
+                    config.output, shards_per_unit, wanted)
+    units = source.plan_units(shards, shards_per_unit, records)
     key = model_key(config)
     plan = Plan(units, shards_per_unit, [], [], [], {})
     for unit in units:

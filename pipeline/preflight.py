@@ -1,7 +1,7 @@
 """Everything a scoring run checks on the driver before it writes a byte or starts Ray.
 
 In order: the object-store endpoints answer, the output is a place we may write and is not tangled
-with the input, the input lists shards, every weights file is found, is the pinned one and loads, and
+with the input, the input lists work items of its format (auto: the one format that fits), every weights file is found, is the pinned one and loads, and
 the device and precision the embed actors will run with are fixed. What comes out is the job's config
 with every weights file pinned by sha256 and the model's device and precision as they will run, so the
 actors load exactly the files checked here and the records record what ran.
@@ -19,9 +19,9 @@ from typing import Any, Mapping, Sequence
 from pipeline.config import KNOWN_HEADS, HeadSpec, ModelConfig, ScoreConfig, WeightsSpec
 from pipeline.errors import InputError, OutputError, WeightsError
 from pipeline.exclusions import Exclusions, load_exclusions
-from pipeline.io.shards import Shard, list_shards
 from pipeline.io.storage import check_reachable, filesystem, full_uri, protocol_of
 from pipeline.io.units import refuse_earlier_layout
+from pipeline.sources import WorkItem, list_items
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,11 @@ _GLOB_CHARS = "*?["
 
 @dataclass(frozen=True)
 class PreparedRun:
-    """A config that passed every check, and the shards its input lists."""
+    """A config that passed every check, and the work items its input lists."""
 
     config: ScoreConfig  # weights pinned by sha256; model.device and model.precision as the actors run them
     requested_precision: str
-    shards: tuple[Shard, ...]
+    shards: tuple[WorkItem, ...]  # img2dataset shards, image files, ...: whatever config.source.format reads
     exclusions: Exclusions | None = None  # the --exclude-hashes list, loaded (its sha256 pinned in config)
 
 
@@ -45,7 +45,9 @@ def prepare_run(config: ScoreConfig, check_clip_weights: bool = True) -> Prepare
     for uri in (*config.input, config.output):
         check_reachable(uri, config.storage_options)
     check_output_location(config.output, config.input, config.storage_options)
-    shards = tuple(list_shards(config.input, config.storage_options))
+    source, items = list_items(config)
+    shards = tuple(items)
+    config = config.replace(source=config.source.resolved(source.name))
     model = pin_model(config, check_clip_weights)
     heads = pin_heads(config, model)
     exclusions = None

@@ -31,6 +31,7 @@ from pipeline.io.writer import commit_unit
 from pipeline.planning import model_key, plan_run, run_identity
 from pipeline.preflight import PreparedRun, prepare_run
 from pipeline.ray_session import ensure_ray
+from pipeline.sources import describe
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class RunSummary:
     wall_s: float = 0.0
     tiny_random: bool = False
     cutoffs: list[CutoffTable] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)  # the input format and its options: status lists it again
 
     @property
     def ok(self) -> bool:
@@ -166,7 +168,8 @@ def run_prepared(prepared: PreparedRun, run_id: str | None = None, embed_loader:
                              shards_per_unit=plan.shards_per_unit,
                              model_key=model_key(config), units_total=len(plan.units),
                              units_done_before=len(plan.done), units_stale=plan.stale,
-                             pending_reasons=plan.reasons, tiny_random=config.model.is_tiny_random)
+                             pending_reasons=plan.reasons, tiny_random=config.model.is_tiny_random,
+                             source=describe(config.source))
         for unit_id in plan.stale:
             log.warning("unit %s was scored with another model or head; pass --rescore to redo it", unit_id)
         _remove_orphan_staging(config, run_id)

@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from pipeline.config import InputConfig
 from pipeline.io import layout
-from pipeline.io.shards import list_shards, plan_units
 from pipeline.io.storage import filesystem, join, read_json
 from pipeline.io.units import read_facts
 from pipeline.planning import STALE, committed_shards_per_unit, pending_reason
+from pipeline.sources import list_input
 
 
 @dataclass
@@ -72,7 +73,9 @@ def unit_status(output: str, inputs: Sequence[str] | None = None, model_key: str
     if report.input:
         per_unit = (shards_per_unit or committed_shards_per_unit(records)
                     or (runs[-1].get("shards_per_unit") if runs else None) or 4)
-        for unit in plan_units(list_shards(report.input, storage_options), per_unit):
+        input_config = InputConfig(**((runs[-1].get("source") if runs else None) or {}))
+        source, items = list_input(report.input, storage_options, input_config)
+        for unit in source.plan_units(items, per_unit, records):
             why = pending_reason(unit, records.get(unit.unit_id), key)
             if why is not None:
                 report.pending[unit.unit_id] = why + (" (needs --rescore)" if why.startswith(STALE) else "")

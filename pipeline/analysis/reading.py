@@ -20,7 +20,7 @@ DuckDB SQL over the same snapshot (a view named ``scores``)::
 And any image straight out of its shard, with one ranged read of the tar (no tar is reread whole)::
 
     from pipeline.analysis import fetch_image
-    jpeg = fetch_image(row)  # row: a mapping with shard, tar_offset, tar_size (a Parquet row)
+    jpeg = fetch_image(row)  # row: a mapping with shard, tar_member, tar_offset, tar_size (an output row)
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ __all__ = [
 
 BAND_RANGES = bands.RANGES  # [low, high) score range of each band
 
-ImageRef = tuple[str, int, int]  # (shard URI, byte offset of the member's data, byte size)
+# (shard URI, offset, size, member): where a row's image lies. Offset and size are bytes in a tar or an
+# image file; the row's input format says what they mean elsewhere (a Parquet file: row number, image bytes).
+ImageRef = tuple[str, int, int, "str | None"]
 
 
 def score_filter(min_score: float | None = None, max_score: float | None = None,
@@ -116,50 +118,66 @@ def duckdb_relation(output: str, con: Any = None, view_name: str = "scores",
 
 
 def _image_ref(item: Any) -> ImageRef:
+    member = None
+    if hasattr(item, "_asdict"):  # a pandas itertuples() row
+        item = item._asdict()
     if isinstance(item, Mapping):
-        shard, offset, size = item[S.SHARD], item[S.OFFSET], item[S.SIZE]
-    elif hasattr(item, "_asdict"):  # a pandas itertuples() row
-        row = item._asdict()
-        shard, offset, size = row[S.SHARD], row[S.OFFSET], row[S.SIZE]
-    elif hasattr(item, "__getitem__") and not isinstance(item, (str, bytes)) and len(item) == 3:
-        shard, offset, size = item
+        shard, offset, size, member = item[S.SHARD], item[S.OFFSET], item[S.SIZE], item.get(S.MEMBER)
+    elif hasattr(item, "__getitem__") and not isinstance(item, (str, bytes)) and len(item) in (3, 4):
+        shard, offset, size, *rest = item
+        member = rest[0] if rest else None
     else:
         raise TypeError(f"expected a row with {S.SHARD}, {S.OFFSET}, {S.SIZE} or a (shard, offset, size) tuple, "
                         f"got {type(item).__name__}")
     if offset is None or size is None or offset != offset or size != size:  # None or NaN: no image member
         raise ValueError(f"row has no image in its shard ({S.OFFSET}={offset}, {S.SIZE}={size})")
-    return str(shard), int(offset), int(size)
+    return str(shard), int(offset), int(size), None if member is None or member != member else str(member)
+
+
+def _read(ref: ImageRef, fs: Any) -> bytes:
+    from pipeline.sources import source_for_row
+    from pipeline.sources.base import read_byte_range
+
+    shard, offset, size, member = ref
+    path = fs._strip_protocol(shard)
+    try:
+        source = source_for_row(shard, member)
+    except ValueError:
+        if member is not None:
+            raise
+        return read_byte_range(fs, path, offset, size)  # a bare (shard, offset, size): bytes at an offset
+    return source.fetch(fs, path, member, offset, size)
 
 
 def fetch_image(item: Any, storage_options: Mapping[str, Any] | None = None, fs: Any = None) -> bytes:
-    """The raw bytes of one image member, read with ONE ranged request on its tar.
+    """The raw bytes of one row's image, read where its input format put them: ONE ranged request on its tar
+    (or on its image file; a Parquet input reads the image column of the row's row group).
 
-    ``item`` is an output row (a mapping, a pandas row) with ``shard``, ``tar_offset`` and ``tar_size``,
-    or a ``(shard, offset, size)`` tuple. ``fs`` reuses a filesystem across calls.
+    ``item`` is an output row (a mapping, a pandas row) with ``shard``, ``tar_offset``, ``tar_size`` and
+    ``tar_member``, or a ``(shard, offset, size)`` tuple of a tar. ``fs`` reuses a filesystem across calls.
     """
-    shard, offset, size = _image_ref(item)
+    ref = _image_ref(item)
     if fs is None:
-        fs, path = filesystem(shard, storage_options)
-    else:
-        path = fs._strip_protocol(shard)
-    data = fs.cat_file(path, start=offset, end=offset + size)
-    if len(data) != size:
-        raise IOError(f"{shard}: read {len(data)} bytes at {offset}, expected {size} (shard changed since scoring?)")
+        fs, _ = filesystem(ref[0], storage_options)
+    data = _read(ref, fs)
+    if len(data) != ref[2]:
+        raise IOError(f"{ref[0]}: read {len(data)} bytes at {ref[1]}, expected {ref[2]} "
+                      f"(input changed since scoring?)")
     return data
 
 
 def fetch_images(items: Iterable[Any], storage_options: Mapping[str, Any] | None = None,
                  max_workers: int = 16) -> list[bytes]:
-    """:func:`fetch_image` for many rows, concurrently (one ranged read each), in input order."""
+    """:func:`fetch_image` for many rows, concurrently (one read each), in input order."""
     items = list(items)
     if not items:
         return []
     refs = [_image_ref(item) for item in items]
     filesystems: dict[str, Any] = {}
-    for shard, _, _ in refs:
-        protocol = shard.split("://", 1)[0] if "://" in shard else "file"
+    for ref in refs:
+        protocol = ref[0].split("://", 1)[0] if "://" in ref[0] else "file"
         if protocol not in filesystems:
-            filesystems[protocol] = filesystem(shard, storage_options)[0]
+            filesystems[protocol] = filesystem(ref[0], storage_options)[0]
 
     def one(ref: ImageRef) -> bytes:
         protocol = ref[0].split("://", 1)[0] if "://" in ref[0] else "file"

@@ -1,4 +1,5 @@
-"""Read stage: one shard in, its rows out, already joined with the sidecar.
+"""Read stage: work items in, their rows out. The item's format (pipeline.sources) reads it; for
+img2dataset shards that is the code below: one shard in, its rows out, already joined with the sidecar.
 
 The join happens here, where the whole shard is in view, rather than after scoring: the read
 task is the only place that sees both every tar key and every sidecar key, so it alone can emit
@@ -20,6 +21,7 @@ from pipeline.exclusions import Exclusions
 from pipeline.io.sidecar import SUCCESS, Sidecar, SidecarRow, read_sidecar
 from pipeline.io.storage import filesystem
 from pipeline.io.tar_reader import UNSCORED_IMAGE_EXTENSIONS, Sample, TarContents, read_tar
+from pipeline.sources.base import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,6 @@ READ_SCHEMA = pa.schema([
 ])
 
 TAR_BLOCK_SIZE = 8 << 20  # sequential reads of a whole tar: large blocks, few requests
-
-
-class StorageError(Exception):
-    """Storage failed after the filesystem's own retries."""
 
 
 def _decode_text(data: bytes | None) -> str | None:
@@ -208,24 +206,33 @@ def to_table(rows: list[dict[str, Any]], shard: str, unit: str) -> pa.Table:
     return pa.table(columns, schema=READ_SCHEMA)
 
 
-class ReadShard:
-    """Ray Data UDF: a batch of shard descriptions in, batches of sample rows out."""
+class ReadItems:
+    """Ray Data UDF: a batch of read tasks (each a few work items of one unit) in, batches of rows out."""
 
-    def __init__(self, storage_options: Mapping[str, Any] | None = None, rows_per_batch: int = 256,
-                 exclusions: Exclusions | None = None):
+    def __init__(self, source: str, options: Any = None, storage_options: Mapping[str, Any] | None = None,
+                 rows_per_batch: int = 256, exclusions: Exclusions | None = None):
+        from pipeline.sources import get_source
+
+        self.source = get_source(source)
+        self.options = options
         self.storage_options = dict(storage_options or {})
         self.rows_per_batch = rows_per_batch
         self.exclusions = exclusions
 
-    def __call__(self, shards: Mapping[str, Any]) -> Iterator[pa.Table]:
-        for i in range(len(shards["name"])):
-            name, unit = str(shards["name"][i]), str(shards["unit"][i])
-            tar, sidecar = shards["tar"][i], shards["sidecar"][i]
-            try:
-                rows = read_shard_rows(tar or None, sidecar or None, self.storage_options, self.exclusions)
-            except StorageError as exc:
-                log.warning("shard %s unreadable from storage: %s", name, exc)
-                rows = [shard_error_row(S.Status.STORAGE_ERROR, str(exc))]
-            table = to_table(rows, name, unit)
+    def rows(self, item: Mapping[str, Any]) -> list[dict[str, Any]]:
+        try:
+            rows = self.source.read(item, self.storage_options, self.options)
+        except StorageError as exc:
+            log.warning("%s unreadable from storage: %s", item["name"], exc)
+            return [shard_error_row(S.Status.STORAGE_ERROR, str(exc))]
+        if self.exclusions is not None:
+            exclude(rows, self.exclusions)
+        return rows
+
+    def __call__(self, tasks: Mapping[str, Any]) -> Iterator[pa.Table]:
+        for i in range(len(tasks["unit"])):
+            unit = str(tasks["unit"][i])
+            tables = [to_table(self.rows(item), item["name"], unit) for item in json.loads(str(tasks["items"][i]))]
+            table = pa.concat_tables(tables)
             for start in range(0, table.num_rows, self.rows_per_batch):
                 yield table.slice(start, self.rows_per_batch)

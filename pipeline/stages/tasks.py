@@ -15,12 +15,12 @@ from pipeline.config import DecodeConfig
 from pipeline.exclusions import Exclusions
 from pipeline.io.writer import WriteStaging
 from pipeline.stages.decode import Decode
-from pipeline.stages.read import ReadShard
+from pipeline.stages.read import ReadItems
 
 
-def read_shard(batch: Mapping[str, Any], storage_options: Mapping[str, Any], rows_per_batch: int,
-               exclusions: Exclusions | None = None) -> Iterator:
-    yield from ReadShard(storage_options, rows_per_batch, exclusions)(batch)
+def read_items(batch: Mapping[str, Any], source: str, options: Any, storage_options: Mapping[str, Any],
+               rows_per_batch: int, exclusions: Exclusions | None = None) -> Iterator:
+    yield from ReadItems(source, options, storage_options, rows_per_batch, exclusions)(batch)
 
 
 @functools.lru_cache(maxsize=4)
