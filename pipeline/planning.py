@@ -54,6 +54,8 @@ def run_identity(config: ScoreConfig, shards_per_unit: int, requested_precision:
                  "sha256": model.pretrained_sha256, "seed": model.seed if model.is_tiny_random else None,
                  "precision": model.precision, "device": model.device},
         "heads": [{"name": h.name, "uri": h.weights.uri, "sha256": h.weights.sha256} for h in config.heads],
+        # How the pixels were made: a served upload decodes the same way to give the same score.
+        "decode": {"fast": config.decode.fast, "apply_exif_orientation": config.decode.apply_exif_orientation},
     }
 
 

@@ -44,6 +44,8 @@ def test_fp16_asked_on_cpu_runs_and_is_recorded_as_fp32(shards, head, tmp_path, 
     identity = run_identity(prepared.config, 1, prepared.requested_precision)
     assert identity["precision"] == identity["clip"]["precision"] == "fp32"
     assert identity["precision_requested"] == "fp16" and "/fp32|" in identity["model_key"]
+    # How the pixels were made, so that a served upload is decoded the same way.
+    assert identity["decode"] == {"fast": True, "apply_exif_orientation": True}
 
 
 def test_the_readme_says_what_the_run_records_for_fp16_on_a_cpu():

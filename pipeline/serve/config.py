@@ -104,6 +104,7 @@ class ModelSpec:
     max_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS
     tiny_random: bool = False
     score_range: tuple[float, float] | None = None  # lowest and highest stored score (the page's slider)
+    decode: Mapping[str, Any] = field(default_factory=dict)  # the recorded decode options (fast path, EXIF)
 
 
 def check_weights(model: ModelConfig, heads: tuple[HeadSpec, ...], config: ServeConfig) -> None:
@@ -146,4 +147,5 @@ def plan_model(config: ServeConfig) -> ModelSpec:
                      weights_dirs=config.weights_dirs, storage_options=dict(config.storage_options),
                      prompts=prompts, max_pixels=config.max_upload_pixels,
                      tiny_random=any(bool(r.get("tiny_random")) for r in records.values()),
-                     score_range=(min(lows), max(highs)) if lows and highs else None)
+                     score_range=(min(lows), max(highs)) if lows and highs else None,
+                     decode=dict(record.get("decode") or {}))

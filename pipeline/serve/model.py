@@ -47,8 +47,9 @@ class Scorer:
         from pipeline.stages.embed import EmbedScore
 
         image_size, interpolation = image_geometry(spec.model)
-        self.decode = Decode(DecodeConfig(max_pixels=spec.max_pixels, quality_metrics=True), image_size,
-                             interpolation)
+        # Decoded as the rows were (records before the decode options were recorded: the defaults).
+        decode = DecodeConfig(max_pixels=spec.max_pixels, quality_metrics=True, **spec.decode)
+        self.decode = Decode(decode, image_size, interpolation)
         self.embed = EmbedScore(spec.model, spec.heads, write_embeddings=True, search_dirs=spec.weights_dirs,
                                 storage_options=dict(spec.storage_options), prompts=spec.prompts,
                                 torch_threads=torch_threads, caption_similarity=False)
