@@ -222,3 +222,25 @@ def test_a_unit_scored_again_sends_its_part_back_and_its_old_files_go(arriving, 
     query_model = embed_query(QUERY, read_units(output))
     brute, indexed = _brute_and_indexed(output, query_model, top_k=10)
     _assert_same_picks(brute, indexed, query_model.embedding)
+
+
+def test_an_index_on_s3_is_filled_by_ray_tasks_and_answers_as_brute_force(sample_shards_s3, s3_server, ray_local,
+                                                                          tmp_path_factory):
+    """Parts written by Ray tasks into the local S3 server, read back by a search in this process."""
+    from pipeline.runner import run_score
+
+    heads, weights_dirs = v2_head_or_stand_in(tmp_path_factory.mktemp("heads"))
+    s3_server.client().create_bucket(Bucket="indexed")
+    output = "s3://indexed/scores"
+    config = ScoreConfig(
+        input=(sample_shards_s3,), output=output, model=ModelConfig(name="tiny-random", precision="fp32"),
+        heads=heads, weights_dirs=weights_dirs, shards_per_unit=1, write_embeddings=True,
+        decode=DecodeConfig(batch_size=16), resources=ResourcesConfig(embed_batch_size=16))
+    assert run_score(config).ok
+    result = build_index(output, IndexOptions(rows_per_part=1), use_ray=True)  # a part, a task, per unit
+    assert result.parts == result.parts_added == len(read_units(output)) > 1
+    assert len(s3_server.filesystem().ls("indexed/scores/_index/parts")) == 3 * result.parts  # codes, vectors, rows
+    query_model = embed_query(QUERY, read_units(output))
+    brute, indexed = _brute_and_indexed(output, query_model, top_k=10, min_score=0.0)
+    assert indexed.info["index"]["parts"] == result.parts
+    _assert_same_picks(brute, indexed, query_model.embedding)
