@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tests.tolerances import as_float64, gamma, linear_layers, normalize_error_bound, unit_roundoff
+from tests.tolerances import as_float64, dot_error_bound, gamma, linear_layers, normalize_error_bound, unit_roundoff
 
 FP32 = 2.0 ** -24
 BF16 = 2.0 ** -8
@@ -289,3 +289,123 @@ def score_bounds(clip: Any, heads: Sequence[Any], pixels: np.ndarray,
         exact.append(scores.detach().numpy())
         bounds.append(row)
     return np.array(exact), np.array(bounds)
+
+
+def _traced_unit(clip: Any, image: np.ndarray, arithmetic: Arithmetic) -> tuple[Trace, torch.Tensor]:
+    """The stage's unit embedding (1, D) of one uint8 (S, S, 3) image, traced as in :func:`score_bounds`."""
+    trace = Trace(arithmetic)
+    features = image_features(clip.model.visual, image[None], clip.mean, clip.std, trace)
+    unit = F.normalize(features, dim=-1)
+    normalised = normalize_error_bound(features.detach().numpy(), arithmetic.stage)
+    return trace, trace.rounded(unit, torch.from_numpy(normalised))
+
+
+def unit_bounds(clip: Any, pixels: np.ndarray, arithmetic: Arithmetic,
+                directions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(exact u . w_k (N, K), bounds (N, K)): for the stage's unit embedding u_hat of each image (the fp32
+    ``clip`` on uint8 (N, S, S, 3) pixels, computed as a device of ``arithmetic`` does, normalisation
+    included), a first-order bound on |(u_hat - u) . w_k| for each direction w_k, rows of ``directions``
+    (K, D), taken as exact. Without ``directions``, the unit vectors of the axes: a bound on each component
+    of u_hat (D backward passes an image). The same trace as :func:`score_bounds`, with the gradients of
+    u . w_k in place of the head scores'; the rounding of a product of u_hat with w_k is not included
+    (:func:`tests.tolerances.dot_error_bound` bounds it)."""
+    exact, bounds = [], []
+    for image in pixels:
+        with torch.enable_grad():
+            trace, unit = _traced_unit(clip, image, arithmetic)
+            weights = (torch.eye(unit.shape[1], dtype=torch.float64) if directions is None
+                       else torch.from_numpy(as_float64(directions)))
+            projections = (unit @ weights.T)[0]
+            leaves = [eps for eps, _ in trace.sites]
+            row = []
+            for projection in projections:
+                grads = torch.autograd.grad(projection, leaves, retain_graph=True, allow_unused=True)
+                row.append(sum(float((grad.abs() * bound).sum())
+                               for grad, (_, bound) in zip(grads, trace.sites) if grad is not None))
+        exact.append(projections.detach().numpy())
+        bounds.append(row)
+    return np.array(exact), np.array(bounds)
+
+
+def prompt_score_bounds(clip: Any, prompt_bank: Any, pixels: np.ndarray,
+                        arithmetic: Arithmetic) -> tuple[np.ndarray, np.ndarray]:
+    """(centres (N, S), half-widths (N, S)) for the prompt-set columns of a
+    :class:`pipeline.models.prompts.PromptBank` (sets in its order), scored by the stage on the fp32 ``clip``'s
+    unit embeddings of uint8 (N, S, S, 3) pixels as a device of ``arithmetic`` computes them: every such
+    computation of a column lies within its half-width of its centre.
+
+    The bank computes the similarities ``u_hat @ M`` with its float32 (D, P) matrix M of text vectors (the
+    same for every run: taken as exact), then sums and differences of them. A similarity u_hat . m_j is
+    within (u_hat - u) . m_j of u . m_j, plus its own rounding r_j (dot_error_bound: gamma_D |u| . |m_j|, and
+    2 u_op |u| . |m_j| for a kernel that rounds its operands). A signed sum of such similarities is within
+
+        B = bound on (u_hat - u) . w    (unit_bounds along w, the signed sum of the m_j: errors along
+                                         nearly parallel prompt vectors cancel, and w keeps that)
+            + sum of their r_j + u_stage |u . w| for each addition or subtraction
+
+    of the exact u . w. An ensemble set is a difference (a set without negatives subtracts the zero column,
+    r = 0): its centre is the exact score, its half-width B. A ``best_class`` set scores the difference of the
+    class whose computed sum (positive + negative) is largest. A class c other than the exact argmax c* can be
+    that only if its computed sum reaches c*'s, which needs the exact difference of their sums plus B of that
+    difference (along the difference of their directions) to reach zero; the score then lies between the
+    lowest (difference - B) and the highest (difference + B) of the classes that can win (with c* alone, the
+    exact score +- B). A ``best_class`` set without negatives scores the computed maximum of the positive
+    similarities, which lies between the largest (similarity - B) and the largest (similarity + B). The
+    bank's layout (its private matrix and index tensors) is read as the bank scores with it. One image at a
+    time: which class wins, and so the directions, depend on the image."""
+    heads_arithmetic = arithmetic.of_heads()
+    u_stage = heads_arithmetic.accumulated
+    matrix = as_float64(prompt_bank._matrix)  # (D, P)
+    count = len(prompt_bank.prompt_sets.sets)
+    centres, halves = np.zeros((len(pixels), count)), np.zeros((len(pixels), count))
+    for n, image in enumerate(pixels):
+        unit = _traced_unit(clip, image, arithmetic)[1].detach().numpy()[0]
+        rounding = (dot_error_bound(unit, matrix, dtype=heads_arithmetic.stage)
+                    + 2 * heads_arithmetic.linear_operands * (np.abs(unit) @ np.abs(matrix)))  # (P,)
+        # Signed sums of similarities: (+1/-1 for each column, additions); their directions are sum_j c_j m_j.
+        terms: list[tuple[dict[int, int], int]] = []
+        plan: list[tuple[str, int, Any]] = []  # (kind, output, indices into terms)
+
+        def add(coefficients: dict[int, int]) -> int:
+            coefficients = {j: c for j, c in coefficients.items() if c and matrix[:, j].any()}  # not the zero column
+            terms.append((coefficients, len(coefficients) - 1))
+            return len(terms) - 1
+
+        for output, positive, negative in zip(prompt_bank._ensemble_outputs, prompt_bank._ensemble_positive,
+                                              prompt_bank._ensemble_negative):
+            plan.append(("exact", int(output), add({int(positive): 1, int(negative): -1})))
+        for layout in prompt_bank._best_class:
+            positive = [int(j) for j in layout.positive]
+            if layout.negative is None:
+                plan.append(("maximum", layout.output, [add({j: 1}) for j in positive]))
+                continue
+            negative = [int(j) for j in layout.negative]
+            sums = [unit @ (matrix[:, a] + matrix[:, b]) for a, b in zip(positive, negative)]
+            best = int(np.argmax(sums))
+            a_best, b_best = positive[best], negative[best]
+            rivals = [add({a: 1, b: 1, a_best: -1, b_best: -1}) if c != best else None
+                      for c, (a, b) in enumerate(zip(positive, negative))]
+            differences = [add({a: 1, b: -1}) for a, b in zip(positive, negative)]
+            plan.append(("best_class", layout.output, (rivals, differences)))
+        directions = np.stack([sum(c * matrix[:, j] for j, c in coefficients.items()) for coefficients, _ in terms])
+        exact, propagated = (v[0] for v in unit_bounds(clip, image[None], arithmetic, directions))
+        bound = propagated + np.array([sum(rounding[j] for j in coefficients) for coefficients, _ in terms])
+        # Each addition or subtraction rounds its result, by at most u_stage times the sum of the terms'
+        # magnitudes (a rival's comparison rounds the two sums, and counts three roundings: room to spare).
+        magnitudes = np.abs(unit @ matrix)  # |u . m_j|
+        bound += np.array([u_stage * (additions * sum(magnitudes[j] for j in coefficients))
+                           for coefficients, additions in terms])
+        for kind, output, which in plan:
+            if kind == "exact":
+                centre, half = exact[which], bound[which]
+            elif kind == "maximum":
+                low, high = (exact[which] - bound[which]).max(), (exact[which] + bound[which]).max()
+                centre, half = (low + high) / 2, (high - low) / 2
+            else:
+                rivals, differences = which
+                can_win = [c for c, k in enumerate(rivals) if k is None or exact[k] + bound[k] >= 0]
+                low = min(exact[differences[c]] - bound[differences[c]] for c in can_win)
+                high = max(exact[differences[c]] + bound[differences[c]] for c in can_win)
+                centre, half = (low + high) / 2, (high - low) / 2
+            centres[n, output], halves[n, output] = centre, half
+    return centres, halves
