@@ -4,8 +4,9 @@
 
 The embeddings are fabricated: unit vectors around 1,000 random centres (a clustered set, as CLIP
 embeddings are), 1% of them given a planted near duplicate (the same vector plus noise, cosine about 0.98
-to it). It times pipeline.dedup's near search (faiss k-means, each row in its two nearest clusters, every
-pair inside each cluster in Ray tasks) on a local Ray over this machine's CPUs, and says how many of the
+to it). It times pipeline.dedup's near search (faiss k-means on a sample, each row sent to its two nearest
+clusters, Ray Data grouping the rows by cluster, every pair inside each cluster compared in one task) on a
+local Ray over this machine's CPUs, and says how many of the
 planted pairs it found and how many other pairs it joined. Brute force (every pair) is timed on a 20,000-row
 sample beside it and scaled by the square of the rows.
 """
@@ -38,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=0.95)
     args = parser.parse_args(argv)
 
-    from pipeline.dedup import _close_pairs, _near_edges
+    import pyarrow as pa
+    import ray
+
+    from pipeline import schema as S
+    from pipeline.dedup import _close_pairs, near_pairs, train_cells
     from pipeline.ray_session import ensure_ray
 
     vectors, planted = fabricate(args.rows, args.dim)
@@ -46,11 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(vectors):,} unit vectors, {args.dim}-d; {len(planted):,} planted near-duplicate pairs "
           f"(cosine {cosines.min():.3f}-{cosines.max():.3f}); threshold {args.threshold}", flush=True)
     ensure_ray()
-    clusters = max(1, round(np.sqrt(len(vectors))))
+    n = len(vectors)
+    rows = ray.data.from_arrow(pa.table({
+        S.SHARD: pa.array(["s"] * n), S.KEY: pa.array([str(i) for i in range(n)]), S.UNIT: pa.array(["u"] * n),
+        S.AESTHETIC_SCORE: pa.array(np.zeros(n, np.float32)),
+        S.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), args.dim)})).repartition(16)
+    clusters = max(1, round(np.sqrt(n)))
     start = time.perf_counter()
-    left, right = _near_edges(vectors, args.threshold, clusters, seed=0)
+    centroids = train_cells(rows, n, clusters, seed=0)
+    pairs = pa.concat_tables(list(near_pairs(rows, centroids, args.threshold).iter_batches(
+        batch_format="pyarrow", batch_size=None)))
     seconds = time.perf_counter() - start
-    found = {tuple(sorted(p)) for p in zip(left.tolist(), right.tolist())}
+    found = {tuple(sorted(p)) for p in zip(map(int, pairs["a_key"].to_pylist()), map(int, pairs["b_key"].to_pylist()))}
     hits = sum(tuple(p) in found for p in planted.tolist())
     sample = min(20_000, len(vectors))
     start = time.perf_counter()

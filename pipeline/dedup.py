@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from pipeline import schema as S
 from pipeline.errors import InputError
 from pipeline.io.delta import embeddings_of, open_table, storage_options_for, table_uri
+from pipeline.io.storage import filesystem, pyarrow_filesystem
 from pipeline.io.units import refuse_earlier_layout
 
 DEDUP_DIR = "_dedup"
@@ -67,7 +68,19 @@ def dedup_uri(output: str) -> str:
     return output.rstrip("/") + "/" + DEDUP_DIR
 
 
-def _ok_rows(output: str, storage_options: Mapping[str, Any] | None) -> tuple[pa.Table, int]:
+MEMBER_COLUMNS = [S.SHARD, S.KEY, S.UNIT, S.AESTHETIC_SCORE]  # what a pair carries of each of its rows
+PAIR_SCHEMA = pa.schema([pa.field(f"{side}_{name}", pa.float32() if name == S.AESTHETIC_SCORE else pa.string())
+                         for side in ("a", "b") for name in MEMBER_COLUMNS] + [pa.field("reason", pa.string())])
+
+
+def _ok_rows(output: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, int, bool, int]:
+    """(Ray dataset of the committed ok rows, table version, embeddings stored?, embedding width): the rows
+    are streamed from the snapshot's files by Ray Data, never gathered in this process."""
+    import ray
+    from ray.data.context import ShuffleStrategy
+
+    from pipeline.ray_session import ensure_ray
+
     refuse_earlier_layout(output, storage_options)
     table = open_table(output, storage_options)
     if table is None:
@@ -76,26 +89,43 @@ def _ok_rows(output: str, storage_options: Mapping[str, Any] | None) -> tuple[pa
     if S.IMAGE_SHA256 not in names:
         raise InputError(f"{output} has no {S.IMAGE_SHA256} column (scored before it existed): score it again "
                          f"with --rescore to deduplicate")
-    wanted = [S.SHARD, S.KEY, S.UNIT, S.AESTHETIC_SCORE, S.IMAGE_SHA256, S.MODEL]
-    if S.EMBEDDING in names:
-        wanted.append(S.EMBEDDING)
-    dataset = table.to_pyarrow_dataset()
-    rows = dataset.to_table(columns=wanted, filter=pc.field(S.STATUS) == S.Status.OK.value)
-    return rows, table.version()
+    near = S.EMBEDDING in names
+    wanted = MEMBER_COLUMNS + [S.IMAGE_SHA256, S.MODEL] + ([S.EMBEDDING] if near else [])
+    fs, _ = filesystem(output, storage_options)
+    files = [filesystem(uri, storage_options)[1] for uri in table.file_uris()]
+    ensure_ray()
+    rows = ray.data.read_parquet(files, filesystem=pyarrow_filesystem(fs), partitioning=None)
+    # The sort-based shuffle runs a groupby as plain tasks; the default first starts aggregator actors.
+    rows.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    rows = rows.map_batches(_ok_only, batch_format="pyarrow", batch_size=None, fn_kwargs={"columns": wanted})
+    width = 0
+    if near:
+        first = rows.select_columns([S.EMBEDDING]).take(1)
+        width = len(first[0][S.EMBEDDING]) if first else 0
+    return rows.materialize(), table.version(), near, width
 
 
-def _exact_edges(hashes: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
-    """Each row with a hash seen before, joined to the first row with that hash."""
-    first: dict[str, int] = {}
-    left, right = [], []
-    for i, digest in enumerate(hashes):
-        if digest is None:
-            continue
-        j = first.setdefault(digest, i)
-        if j != i:
-            left.append(j)
-            right.append(i)
-    return np.asarray(left, dtype=np.int64), np.asarray(right, dtype=np.int64)
+def _ok_only(batch: pa.Table, columns: Sequence[str]) -> pa.Table:
+    batch = batch.filter(pc.equal(batch[S.STATUS], S.Status.OK.value))
+    return batch.select([c for c in columns if c in batch.column_names])
+
+
+def _pairs(left: pa.Table, right: pa.Table, reason: str) -> pa.Table:
+    columns = {f"a_{name}": left[name] for name in MEMBER_COLUMNS}
+    columns.update({f"b_{name}": right[name] for name in MEMBER_COLUMNS})
+    columns["reason"] = pa.array([reason] * left.num_rows, pa.string())
+    return pa.table(columns).cast(PAIR_SCHEMA)
+
+
+def _same_bytes(group: pa.Table) -> pa.Table:
+    """One hash's rows: each joined to the first (a star is enough for the groups). Rows without a hash
+    (group key null) are not duplicates of each other."""
+    if group.num_rows < 2 or group[S.IMAGE_SHA256][0].as_py() is None:
+        return PAIR_SCHEMA.empty_table()
+    order = pc.sort_indices(group, sort_keys=[(S.SHARD, "ascending"), (S.KEY, "ascending")])
+    group = group.take(order)
+    first = group.take(pa.array(np.zeros(group.num_rows - 1, dtype=np.int64)))
+    return _pairs(first, group.slice(1), "exact")
 
 
 def _close_pairs(vectors: np.ndarray, members: np.ndarray, threshold: float) -> np.ndarray:
@@ -112,130 +142,172 @@ def _close_pairs(vectors: np.ndarray, members: np.ndarray, threshold: float) -> 
     return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
 
 
-def _near_edges(vectors: np.ndarray, threshold: float, clusters: int, seed: int,
-                centroids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs at cosine >= threshold inside each k-means cluster (``centroids`` when given, e.g. the ANN
-    index's cells, else ``clusters`` trained here), compared in Ray tasks."""
-    import faiss
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12),
+                                dtype=np.float32)  # stored as fp16
+
+
+class _AssignCells:
+    """Each row, once for each of its PROBES nearest cells, with the cell's number."""
+
+    def __init__(self, centroids: np.ndarray):
+        import faiss
+
+        self.assigner = faiss.IndexFlatIP(centroids.shape[1])
+        self.assigner.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        self.probes = min(PROBES, len(centroids))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if batch.num_rows == 0:
+            return batch.append_column("cell", pa.array([], pa.int64()))
+        _, cells = self.assigner.search(_unit(embeddings_of(batch[S.EMBEDDING])), self.probes)
+        repeated = batch.take(pa.array(np.repeat(np.arange(batch.num_rows), self.probes)))
+        return repeated.append_column("cell", pa.array(cells.ravel().astype(np.int64)))
+
+
+def _close_in_cell(group: pa.Table, threshold: float) -> pa.Table:
+    """One cell's rows: every pair at cosine >= threshold."""
+    if group.num_rows < 2:
+        return PAIR_SCHEMA.empty_table()
+    pairs = _close_pairs(_unit(embeddings_of(group[S.EMBEDDING])), np.arange(group.num_rows), threshold)
+    return _pairs(group.take(pa.array(pairs[:, 0])), group.take(pa.array(pairs[:, 1])), "near")
+
+
+def near_pairs(rows: Any, centroids: np.ndarray, threshold: float) -> Any:
+    """The pairs of ``rows`` (a Ray dataset with :data:`MEMBER_COLUMNS` and ``embedding``) whose cosine reaches
+    ``threshold``, compared within cells: each row goes to its PROBES nearest centroids (so two near
+    duplicates either side of a boundary still meet), Ray Data groups the rows by cell, and each cell's
+    pairs are compared in one task. A pair sharing two cells is found twice."""
     import ray
+    from ray.data.context import ShuffleStrategy
 
-    from pipeline.ray_session import ensure_ray
-
-    if centroids is None:
-        # faiss trains on at most 256 points a centroid (a sample of a large set) and takes any number fewer.
-        kmeans = faiss.Kmeans(vectors.shape[1], clusters, niter=20, seed=seed, spherical=True, verbose=False,
-                              min_points_per_centroid=1)
-        kmeans.train(vectors)
-        centroids = kmeans.centroids
-    assigner = faiss.IndexFlatIP(vectors.shape[1])
-    assigner.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    # Each row joins its PROBES nearest clusters, not only its own: two near duplicates on either side of a
-    # cluster boundary would otherwise never be compared (plain SemDeDup misses them).
-    probes = min(PROBES, len(centroids))
-    _, assignment = assigner.search(vectors, probes)
-    cluster_of = assignment.ravel()
-    row_of = np.repeat(np.arange(len(vectors)), probes)
-    order = np.argsort(cluster_of, kind="stable")
-    bounds = np.flatnonzero(np.diff(cluster_of[order])) + 1
-    groups = [g for g in np.split(row_of[order], bounds) if len(g) > 1]
-    if not groups:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-
-    ensure_ray()
-    compare = ray.remote(num_cpus=1)(_close_pairs_of_clusters)
-    shared = ray.put(vectors)
-    batches, batch, cost = [], [], 0
-    for members in sorted(groups, key=len, reverse=True):  # big clusters first: they set the run's length
-        batch.append(members)
-        cost += len(members) ** 2
-        if cost >= PAIRS_PER_TASK:
-            batches.append(batch)
-            batch, cost = [], 0
-    if batch:
-        batches.append(batch)
-    pairs = ray.get([compare.remote(shared, b, threshold) for b in batches])
-    pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
-    return pairs[:, 0], pairs[:, 1]
+    workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cells = rows.select_columns(MEMBER_COLUMNS + [S.EMBEDDING]).map_batches(
+        _AssignCells, fn_constructor_args=(centroids,), batch_format="pyarrow", concurrency=(1, workers))
+    # The sort-based shuffle runs the grouping as plain tasks; the default first starts aggregator actors.
+    cells.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    return cells.groupby("cell").map_groups(_close_in_cell, batch_format="pyarrow", fn_kwargs={"threshold": threshold})
 
 
-def _close_pairs_of_clusters(vectors: np.ndarray, clusters: list[np.ndarray], threshold: float) -> np.ndarray:
-    found = [_close_pairs(vectors, members, threshold) for members in clusters]
-    return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
+def train_cells(rows: Any, count: int, clusters: int, seed: int, train_rows: int = 256 * 1024) -> np.ndarray:
+    """k-means centroids of a random sample of ``rows``' embeddings (faiss, spherical)."""
+    import faiss
+
+    sample = rows.select_columns([S.EMBEDDING])
+    if count > train_rows:
+        sample = sample.random_sample(train_rows / count, seed=seed)
+    vectors = _unit(embeddings_of(pa.concat_tables(
+        list(sample.iter_batches(batch_format="pyarrow", batch_size=None)))[S.EMBEDDING]))
+    kmeans = faiss.Kmeans(vectors.shape[1], min(clusters, len(vectors)), niter=20, seed=seed, spherical=True,
+                          verbose=False, min_points_per_centroid=1)
+    kmeans.train(vectors)
+    return kmeans.centroids
 
 
-def _index_cells(output: str, rows: pa.Table, storage_options: Mapping[str, Any] | None) -> np.ndarray | None:
+def _index_cells(output: str, model: set[str], width: int,
+                 storage_options: Mapping[str, Any] | None) -> np.ndarray | None:
     """The ANN index's coarse centroids when it indexes these rows' model: k-means already trained on them."""
     from pipeline.index import open_index
 
     index = open_index(output, storage_options)
-    if index is None or index.manifest.dim != len(rows[S.EMBEDDING][0]) or \
-            set(pc.unique(rows[S.MODEL]).to_pylist()) != {index.model}:
+    if index is None or index.manifest.dim != width or model != {index.model}:
         return None
     quantizer = index.index.quantizer
     return quantizer.reconstruct_n(0, quantizer.ntotal)
 
 
-def dedup(output: str, threshold: float = DEFAULT_THRESHOLD, clusters: int | None = None, seed: int = 0,
-          storage_options: Mapping[str, Any] | None = None) -> DedupResult:
-    """Find the duplicate groups of ``output``'s committed ok rows and write them to ``<output>/_dedup``."""
-    from deltalake import CommitProperties, write_deltalake
+def _components(pairs: pa.Table) -> tuple[list[tuple[str, str, str, float | None]], np.ndarray]:
+    """(members (shard, key, unit, score), component of each) of the graph the pairs draw."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
+    index: dict[tuple[str, str], int] = {}
+    members: list[tuple[str, str, str, float | None]] = []
+    ends = []
+    for side in ("a", "b"):
+        ids = []
+        for shard, key, unit, score in zip(*(pairs[f"{side}_{name}"].to_pylist() for name in MEMBER_COLUMNS)):
+            at = index.setdefault((shard, key), len(members))
+            if at == len(members):
+                members.append((shard, key, unit, score))
+            ids.append(at)
+        ends.append(np.asarray(ids, dtype=np.int64))
+    n = len(members)
+    graph = coo_matrix((np.ones(len(ends[0]), dtype=np.int8), (ends[0], ends[1])), shape=(n, n))
+    return members, connected_components(graph, directed=False)[1] if n else np.zeros(0, np.int64)
+
+
+def dedup(output: str, threshold: float = DEFAULT_THRESHOLD, clusters: int | None = None, seed: int = 0,
+          storage_options: Mapping[str, Any] | None = None) -> DedupResult:
+    """Find the duplicate groups of ``output``'s committed ok rows and write them to ``<output>/_dedup``.
+
+    The rows stay in Ray's object store (spilled to disk when large); this process holds the pairs found
+    and their members only, about a hundred bytes a duplicate."""
+    from deltalake import CommitProperties, write_deltalake
+
     if not -1.0 <= threshold <= 1.0:
         raise InputError(f"--threshold is a cosine, between -1 and 1; got {threshold}")
-    rows, data_version = _ok_rows(output, storage_options)
-    n = rows.num_rows
-    left, right = _exact_edges(rows[S.IMAGE_SHA256].to_pylist())
-    near_searched = S.EMBEDDING in rows.column_names and n > 1
-    used_clusters, centroids = 0, None
+    rows, data_version, near_searched, width = _ok_rows(output, storage_options)
+    n = rows.count()
+    found = [rows.select_columns(MEMBER_COLUMNS + [S.IMAGE_SHA256]).groupby(S.IMAGE_SHA256).map_groups(
+        _same_bytes, batch_format="pyarrow")] if n else []
+    near_searched = near_searched and n > 1
+    used_clusters, centroids, from_index = 0, None, False
     if near_searched:
-        vectors = embeddings_of(rows[S.EMBEDDING])
-        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # stored as fp16
-        centroids = None if clusters else _index_cells(output, rows, storage_options)
-        used_clusters = len(centroids) if centroids is not None else clusters or max(1, min(n // 2, round(math.sqrt(n))))
-        near_left, near_right = _near_edges(np.ascontiguousarray(vectors, dtype=np.float32), threshold,
-                                            used_clusters, seed, centroids)
-        left, right = np.concatenate([left, near_left]), np.concatenate([right, near_right])
+        models = set(rows.unique(S.MODEL))
+        centroids = None if clusters else _index_cells(output, models, width, storage_options)
+        from_index = centroids is not None
+        if centroids is None:
+            centroids = train_cells(rows, n, clusters or max(1, min(n // 2, round(math.sqrt(n)))), seed)
+        used_clusters = len(centroids)
+        found.append(near_pairs(rows, centroids, threshold))
+    tables = [t for ds in found for t in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
+    pairs = pa.concat_tables([PAIR_SCHEMA.empty_table(), *[t.cast(PAIR_SCHEMA) for t in tables]])
+    members, component = _components(pairs)
 
-    graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
-    sizes = np.bincount(component, minlength=n)
-    members = np.flatnonzero(sizes[component] > 1)
-
-    scores = rows[S.AESTHETIC_SCORE].to_numpy(zero_copy_only=False).astype(np.float64)
-    shards, keys = rows[S.SHARD].to_pylist(), rows[S.KEY].to_pylist()
-    hashes = rows[S.IMAGE_SHA256].to_pylist()
     # Keeper: highest score, then the smallest (shard, key), so that reruns pick the same row.
-    ranked = sorted(members, key=lambda i: (component[i], -np.nan_to_num(scores[i], nan=-np.inf), shards[i], keys[i]))
+    def rank(i: int) -> tuple:
+        shard, key, _, score = members[i]
+        return component[i], -(score if score is not None and math.isfinite(score) else -math.inf), shard, key
+
+    ranked = sorted(range(len(members)), key=rank)
     keeper_of: dict[int, int] = {}
     for i in ranked:
-        keeper_of.setdefault(int(component[i]), int(i))
-    units = rows[S.UNIT].to_pylist()
+        keeper_of.setdefault(int(component[i]), i)
+    same_bytes = _same_bytes_sets(pairs)
     out = {name: [] for name in SCHEMA.names}
     for i in ranked:
         keeper = keeper_of[int(component[i])]
-        out[S.SHARD].append(shards[i])
-        out[S.KEY].append(keys[i])
-        out[S.UNIT].append(units[i])
+        shard, key, unit, score = members[i]
+        out[S.SHARD].append(shard)
+        out[S.KEY].append(key)
+        out[S.UNIT].append(unit)
         out["group_id"].append(int(component[i]))
         out["keeper"].append(i == keeper)
-        out["keeper_shard"].append(shards[keeper])
-        out["keeper_key"].append(keys[keeper])
-        out["reason"].append("exact" if hashes[i] is not None and hashes[i] == hashes[keeper] else "near")
-        out[S.AESTHETIC_SCORE].append(None if math.isnan(scores[i]) else scores[i])
+        out["keeper_shard"].append(members[keeper][0])
+        out["keeper_key"].append(members[keeper][1])
+        out["reason"].append("exact" if same_bytes.get((shard, key)) is not None
+                             and same_bytes.get((shard, key)) == same_bytes.get(members[keeper][:2]) else "near")
+        out[S.AESTHETIC_SCORE].append(None if score is None or not math.isfinite(score) else score)
     table = pa.table(out, schema=SCHEMA)
     duplicates = [r for r, k in zip(out["reason"], out["keeper"]) if not k]
     result = DedupResult(rows=n, groups=len(keeper_of), duplicates=len(duplicates),
                          exact=duplicates.count("exact"), near=duplicates.count("near"), near_searched=near_searched,
                          clusters=used_clusters, threshold=threshold, data_version=data_version,
-                         clusters_from_index=near_searched and centroids is not None)
+                         clusters_from_index=from_index)
     uri = dedup_uri(output)
     write_deltalake(table_uri(uri), table, mode="overwrite", schema_mode="overwrite",
                     storage_options=storage_options_for(uri, storage_options),
                     commit_properties=CommitProperties(custom_metadata={
                         "aesthetics.dedup": json.dumps(result.__dict__)}))
     return result
+
+
+def _same_bytes_sets(pairs: pa.Table) -> dict[tuple[str, str], int]:
+    """(shard, key) -> a label shared by rows with the same bytes (the exact pairs' components)."""
+    exact = pairs.filter(pc.equal(pairs["reason"], "exact"))
+    members, component = _components(exact)
+    return {(shard, key): int(c) for (shard, key, _, _), c in zip(members, component)}
 
 
 def read_dedup(output: str, storage_options: Mapping[str, Any] | None = None) -> tuple[pa.Table, dict[str, Any]]:

@@ -85,6 +85,13 @@ def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tu
     return url_to_fs(uri, **(storage_options or {}))
 
 
+def pyarrow_filesystem(fs: fsspec.AbstractFileSystem) -> Any:
+    """An fsspec filesystem as pyarrow's (Ray Data's readers take pyarrow filesystems)."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs))
+
+
 def protocol_of(fs: fsspec.AbstractFileSystem) -> str:
     protocol = fs.protocol
     return protocol[0] if isinstance(protocol, (tuple, list)) else protocol

@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.config import ConfigError
+from pipeline.io.storage import pyarrow_filesystem
 from pipeline.training.labels import AVA_VOTE_BINS, LabelTable
 from pipeline.training.scored import (
     JOIN_KEY,
@@ -133,12 +134,6 @@ def _only_splits(batch: dict[str, np.ndarray], *, splits: tuple[int, ...],
     return {name: batch[name][keep] for name in columns}
 
 
-def _pyarrow_filesystem(fs: Any) -> Any:
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return PyFileSystem(FSSpecHandler(fs))
-
-
 def _schemas(fs: Any, files: list[str]) -> list[pa.Schema]:
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
         return list(pool.map(lambda path: pq.read_schema(path, filesystem=fs), files))
@@ -188,7 +183,7 @@ def labelled_rows(scores: str, labels: LabelTable, config: TrainConfig, join_on:
     columns = [EMBEDDING, *join_columns(join_on)]
     if all(schema.STATUS in file_schema.names for file_schema in schemas):
         columns.append(schema.STATUS)
-    dataset = ray.data.read_parquet(files, filesystem=_pyarrow_filesystem(fs), partitioning=None)
+    dataset = ray.data.read_parquet(files, filesystem=pyarrow_filesystem(fs), partitioning=None)
     # The only shuffle these rows see is the statistics' key-less aggregation: the sort-based strategy runs it
     # as map tasks and one reduce task, where the default one first starts aggregator actors (seconds, for an
     # accumulator of a few kilobytes). The dataset has its own copy of the context.
