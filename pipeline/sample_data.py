@@ -49,6 +49,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
+from pipeline.io.storage import is_local, local_path
+
 # Subjects --------------------------------------------------------------------------------------
 # Only images that ship inside the scikit-image wheel: the optional-download ones need pooch and
 # the network. Grayscale photographs are kept on purpose: LAION has them and decode must cope.
@@ -402,14 +404,6 @@ def upload_directory(
     return written
 
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def _local_path(uri: str) -> str:
-    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
-
-
 def _download_in_process(
     url_list: str, output_folder: str, *, additional_columns: list[str] | None, number_sample_per_shard: int,
     image_size: int, resize_mode: str, resize_only_if_bigger: bool, thread_count: int, timeout: int,
@@ -486,13 +480,13 @@ def build_shards(
     import pyarrow.parquet as pq
 
     url_list = os.fspath(url_list)
-    url_list = _local_path(url_list) if _is_local(url_list) else url_list
-    output_dir = _local_path(output_dir) if _is_local(output_dir) else output_dir.rstrip("/")
+    url_list = local_path(url_list) if is_local(url_list) else url_list
+    output_dir = local_path(output_dir) if is_local(output_dir) else output_dir.rstrip("/")
     fs, output_path = fsspec.core.url_to_fs(output_dir, **(storage_options or {}))
     if fs.exists(output_path) and fs.ls(output_path):
         raise FileExistsError(f"{output_dir} is not empty; img2dataset would skip the shards it finds there")
 
-    if storage_options and not _is_local(output_dir):
+    if storage_options and not is_local(output_dir):
         with tempfile.TemporaryDirectory(prefix="img2dataset-") as local_dir:
             local_tars = build_shards(
                 url_list, local_dir, number_sample_per_shard=number_sample_per_shard, image_size=image_size,

@@ -85,6 +85,20 @@ def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tu
     return url_to_fs(uri, **(storage_options or {}))
 
 
+def is_local(uri: str) -> bool:
+    """A plain path or a file:// URI."""
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    """The absolute path of a plain path or file:// URI (``~`` expanded, %-escapes decoded)."""
+    if uri.startswith("file://"):
+        import urllib.parse
+
+        return os.path.abspath(urllib.parse.unquote(urllib.parse.urlparse(uri).path))
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def pyarrow_filesystem(fs: fsspec.AbstractFileSystem) -> Any:
     """An fsspec filesystem as pyarrow's (Ray Data's readers take pyarrow filesystems)."""
     from pyarrow.fs import FSSpecHandler, PyFileSystem

@@ -27,7 +27,7 @@ from typing import IO, Any, Mapping, Sequence
 
 from pipeline.config import WeightsSpec
 from pipeline.errors import WeightsError
-from pipeline.io.storage import filesystem
+from pipeline.io.storage import filesystem, is_local, local_path
 
 CACHE_DIR_ENV = "LAION_AESTHETICS_RAY_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/laion-aesthetics-ray"
@@ -78,18 +78,12 @@ def file_name_of(uri: str) -> str:
     return urllib.parse.unquote(path.rstrip("/").rsplit("/", 1)[-1])
 
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
 def _local_path(uri: str) -> pathlib.Path:
-    if uri.startswith("file://"):
-        return pathlib.Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path))
-    return pathlib.Path(uri).expanduser()
+    return pathlib.Path(local_path(uri))
 
 
 def _join(directory: str, name: str) -> str:
-    if _is_local(directory):
+    if is_local(directory):
         return str(_local_path(directory) / name)
     return directory.rstrip("/") + "/" + name
 
@@ -186,7 +180,7 @@ def _not_found_message(spec: WeightsSpec, attempts: Sequence[str], cache_root: p
     pin = f" (sha256 {spec.sha256})" if spec.sha256 else ""
     ways = [f"put {name!r} in a folder or object-store prefix the nodes can read and pass it with --weights-dir",
             f"or give a local path or URI of the file in place of {spec.uri!r}"]
-    if not _is_local(spec.uri):
+    if not is_local(spec.uri):
         ways.append(f"or make {spec.uri} reachable from the nodes (it is downloaded once into {cache_root})")
     return (f"weights {name!r}{pin} not found (tried: {'; '.join(attempts) or 'nothing'}); "
             + ", ".join(ways))
@@ -204,7 +198,7 @@ def resolve_weights(
     name = file_name_of(spec.uri)
     attempts: list[str] = []
 
-    if _is_local(spec.uri):
+    if is_local(spec.uri):
         path = _local_path(spec.uri)
         if path.is_file():
             return _verified_local(path, spec.sha256)
@@ -217,7 +211,7 @@ def resolve_weights(
     for directory in search_dirs:
         candidate = _join(directory, name)
         try:
-            if _is_local(candidate):
+            if is_local(candidate):
                 path = _local_path(candidate)
                 if path.is_file():
                     return _verified_local(path, spec.sha256)
@@ -231,7 +225,7 @@ def resolve_weights(
         except Exception as error:  # any failure to reach a source means: not here, try the next one
             attempts.append(f"{candidate}: {type(error).__name__}: {error}")
 
-    if not _is_local(spec.uri):
+    if not is_local(spec.uri):
         try:
             return cache.download(spec.uri, spec.sha256, storage_options)
         except WeightsChecksumMismatch:
