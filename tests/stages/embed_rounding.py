@@ -271,30 +271,28 @@ def score_bounds(clip: Any, heads: Sequence[Any], pixels: np.ndarray,
     at a time: a parameter's rounding is shared by every image, so its gradient is taken per image."""
     exact, bounds = [], []
     for image in pixels:
-        trace = Trace(arithmetic)
         with torch.enable_grad():
-            features = image_features(clip.model.visual, image[None], clip.mean, clip.std, trace)
-            # The stage normalises the float32 features in float32, whatever the model's precision.
-            unit = F.normalize(features, dim=-1)
-            normalised = normalize_error_bound(features.detach().numpy(), arithmetic.stage)
-            unit = trace.rounded(unit, torch.from_numpy(normalised))
+            trace, unit = _traced_unit(clip, image, arithmetic)
             head_trace = Trace(arithmetic.of_heads(), trace.sites)
             scores = torch.cat([head_score(head_trace, head, unit) for head in heads])
-            leaves = [eps for eps, _ in trace.sites]
-            row = []
-            for score in scores:
-                grads = torch.autograd.grad(score, leaves, retain_graph=True, allow_unused=True)
-                row.append(sum(float((grad.abs() * bound).sum())
-                               for grad, (_, bound) in zip(grads, trace.sites) if grad is not None))
+            row = [_first_order_bound(score, trace) for score in scores]
         exact.append(scores.detach().numpy())
         bounds.append(row)
     return np.array(exact), np.array(bounds)
 
 
+def _first_order_bound(value: torch.Tensor, trace: Trace) -> float:
+    """sum_k |d value / d eps_k| . m_k over the trace's rounding sites."""
+    leaves = [eps for eps, _ in trace.sites]
+    grads = torch.autograd.grad(value, leaves, retain_graph=True, allow_unused=True)
+    return sum(float((grad.abs() * bound).sum()) for grad, (_, bound) in zip(grads, trace.sites) if grad is not None)
+
+
 def _traced_unit(clip: Any, image: np.ndarray, arithmetic: Arithmetic) -> tuple[Trace, torch.Tensor]:
-    """The stage's unit embedding (1, D) of one uint8 (S, S, 3) image, traced as in :func:`score_bounds`."""
+    """The stage's unit embedding (1, D) of one uint8 (S, S, 3) image, traced."""
     trace = Trace(arithmetic)
     features = image_features(clip.model.visual, image[None], clip.mean, clip.std, trace)
+    # The stage normalises the float32 features in float32, whatever the model's precision.
     unit = F.normalize(features, dim=-1)
     normalised = normalize_error_bound(features.detach().numpy(), arithmetic.stage)
     return trace, trace.rounded(unit, torch.from_numpy(normalised))
@@ -316,12 +314,7 @@ def unit_bounds(clip: Any, pixels: np.ndarray, arithmetic: Arithmetic,
             weights = (torch.eye(unit.shape[1], dtype=torch.float64) if directions is None
                        else torch.from_numpy(as_float64(directions)))
             projections = (unit @ weights.T)[0]
-            leaves = [eps for eps, _ in trace.sites]
-            row = []
-            for projection in projections:
-                grads = torch.autograd.grad(projection, leaves, retain_graph=True, allow_unused=True)
-                row.append(sum(float((grad.abs() * bound).sum())
-                               for grad, (_, bound) in zip(grads, trace.sites) if grad is not None))
+            row = [_first_order_bound(projection, trace) for projection in projections]
         exact.append(projections.detach().numpy())
         bounds.append(row)
     return np.array(exact), np.array(bounds)
