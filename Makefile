@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # site config here also points at a CPU-only torch that breaks torchvision, which uv ignores.
 UV     := $(PYTHON) -m uv
 
-.PHONY: install demo lint test test-fast bench bench-scale bench-index bench-gpu gpu-check clean
+.PHONY: install demo lint test test-fast bench bench-scale bench-index bench-finetune bench-gpu gpu-check clean
 
 install: $(STAMP)
 
@@ -48,6 +48,9 @@ bench-scale: install
 
 bench-index: install
 	$(BIN)/python -m bench.bench_index
+
+bench-finetune: install
+	$(BIN)/python -m bench.bench_finetune --compare
 
 bench-gpu: install
 	$(BIN)/python -m bench.run_gpu

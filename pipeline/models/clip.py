@@ -29,7 +29,7 @@ from pipeline.long_lived import long_lived
 with long_lived():  # the driver's first import of torch
     import torch
 
-from pipeline.config import TINY_MODEL, ModelConfig, WeightsSpec
+from pipeline.config import TINY_ARCH, TINY_MODEL, ModelConfig, WeightsSpec
 from pipeline.errors import WeightsError
 from pipeline.models.weights import WeightsNotFound, file_name_of, resolve_weights, sha256_of
 
@@ -106,14 +106,15 @@ def _open_clip() -> Any:
 def _register_tiny_model() -> None:
     open_clip = _open_clip()
 
-    if TINY_MODEL not in open_clip.list_models():
-        open_clip.add_model_config(TINY_MODEL_CONFIG)
+    for name in (TINY_MODEL, TINY_ARCH):
+        if name not in open_clip.list_models():
+            open_clip.add_model_config(TINY_MODEL_CONFIG.with_name(f"{name}.json"))
 
 
 def _model_config(name: str) -> dict[str, Any]:
     open_clip = _open_clip()
 
-    if name == TINY_MODEL:
+    if name in (TINY_MODEL, TINY_ARCH):
         _register_tiny_model()
     config = open_clip.get_model_config(name)
     if config is None:
