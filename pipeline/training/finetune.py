@@ -55,6 +55,7 @@ from pipeline.errors import InputError
 from pipeline.training.labels import AVA_BINARY_THRESHOLD, AVA_VOTE_BINS, LabelKind, LabelTable
 from pipeline.training.schedule import Schedule, load_schedule
 from pipeline.training.splits import SPLIT_NAMES, TEST, TRAIN, VALIDATION, split_assignments
+from pipeline.training.train_head import finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -552,18 +553,6 @@ def _use_gpu(use_gpu: bool | None, device: str) -> bool:
     return device == "cuda"
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def _write_file(path: str, data: bytes, storage_options: Mapping[str, Any] | None) -> str:
     from pipeline.io.storage import filesystem, write_bytes_atomic
 
@@ -678,7 +667,7 @@ def finetune(inputs: Sequence[str], labels: LabelTable, out: str, config: Finetu
     head_sha = _write_file(head_path, _safetensors_bytes(head_state), storage_options)
     from pipeline.models.heads import detect_head_format
 
-    record = _finite({
+    record = finite_or_none({
         "format": RECORD_FORMAT,
         "clip_file": clip_path, "clip_sha256": clip_sha, "clip_arch": config.scored_arch,
         "head_file": head_path, "head_sha256": head_sha, "head_format": detect_head_format(head_state).value,

@@ -535,19 +535,19 @@ def save_head(trained: TrainedHead, path: str, storage_options: Mapping[str, Any
     sha256 = hashlib.sha256(data).hexdigest()
     fs, inner = filesystem(path, storage_options)
     write_bytes_atomic(fs, inner, data)
-    record = _finite_or_none(trained.record(sha256, path))
+    record = finite_or_none(trained.record(sha256, path))
     record["record_file"] = record_path_for(path)
     fs, record_inner = filesystem(record["record_file"], storage_options)
     write_bytes_atomic(fs, record_inner, json.dumps(record, indent=2, sort_keys=True, allow_nan=False).encode())
     return record
 
 
-def _finite_or_none(value: Any) -> Any:
+def finite_or_none(value: Any) -> Any:
     """NaN and infinities as null: the record must be strict JSON for any reader."""
     if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
+        return {key: finite_or_none(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_or_none(item) for item in value]
+        return [finite_or_none(item) for item in value]
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, np.integer):
