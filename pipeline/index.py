@@ -412,11 +412,9 @@ class AnnIndex:
         if min_score is not None:
             mask &= np.nan_to_num(self.scores, nan=-np.inf) >= min_score
         if exclude:
-            shards = self.rows[S.SHARD].to_numpy(zero_copy_only=False)
-            keys = self.rows[S.KEY].to_numpy(zero_copy_only=False)
-            for i in np.flatnonzero(mask):
-                if keys[i] in exclude.get(shards[i], ()):
-                    mask[i] = False
+            excluded = pa.array([f"{shard}\x00{key}" for shard, keys in exclude.items() for key in keys], pa.string())
+            row_ids = pc.binary_join_element_wise(self.rows[S.SHARD], self.rows[S.KEY], "\x00")
+            mask &= ~pc.is_in(row_ids, value_set=excluded).to_numpy(zero_copy_only=False)
         return mask
 
     def candidates(self, queries: np.ndarray, count: int, mask: np.ndarray | None = None) -> np.ndarray:

@@ -86,6 +86,17 @@ def test_a_score_threshold_filters_inside_the_search_so_the_result_stays_full():
     assert skipped.num_rows == 0
 
 
+def test_rows_left_out_by_dedup_never_come_back_from_a_search():
+    vectors = clustered(3_000, 64, 10, seed=5)
+    index = in_memory_index(vectors, np.zeros(len(vectors)), nlist=16, nprobe=16)
+    nearest, _ = index.search(vectors[0], limit=10)
+    left_out = frozenset(nearest[S.KEY].to_pylist()[:5])
+    found, passing = index.search(vectors[0], limit=10, exclude={"s": left_out})
+    assert passing == len(vectors) - 5 and found.num_rows == 10
+    assert not left_out & set(found[S.KEY].to_pylist())
+    assert found[S.KEY].to_pylist()[:5] == nearest[S.KEY].to_pylist()[5:]
+
+
 # Over a scored output -----------------------------------------------------------------------------
 
 
