@@ -244,14 +244,46 @@ def evaluate_scored(source: str, labels: LabelTable, columns: Sequence[str] | No
     return Evaluation(metrics, frame, matched.unmatched_labels, threshold)
 
 
-def run_evaluate(source: str, labels_path: str, *, label_format: str = "auto", columns: Sequence[str] | None = None,
+def evaluate_outputs(sources: Mapping[str, str], labels: LabelTable, columns: Sequence[str] | None = None,
+                     join_on: str = JOIN_KEY, threshold: float | None = None, prediction_threshold: float | None = None,
+                     group_column: str | None = None,
+                     storage_options: Mapping[str, Any] | None = None) -> Evaluation:
+    """:func:`evaluate_scored` over several scored outputs at once (name -> output; e.g. the frozen-CLIP head's
+    output beside a fine-tuned model's), on the labelled rows every output scored, each output's columns
+    named ``<name>:<column>``: one table, the same rows, so the columns compare like for like."""
+    if len(sources) == 1:
+        (source,) = sources.values()
+        return evaluate_scored(source, labels, columns, join_on, threshold, prediction_threshold, group_column,
+                               storage_options)
+    merged, unmatched, used, names = None, 0, None, []
+    for name, source in sources.items():
+        one = evaluate_scored(source, labels, columns, join_on, threshold, prediction_threshold, group_column,
+                              storage_options)
+        scores = [c for c in one.frame.columns if c not in ("key", "label", "group")]
+        frame = one.frame.rename(columns={c: f"{name}:{c}" for c in scores})
+        names += [f"{name}:{c}" for c in scores]
+        merged = frame if merged is None else merged.merge(frame, on=[c for c in ("key", "label", "group")
+                                                                       if c in frame.columns], how="inner")
+        unmatched, used = max(unmatched, one.unmatched_labels), one.threshold
+    if not len(merged):
+        raise ConfigError(f"no labelled row was scored by every one of {sorted(sources)}")
+    group_name = "group" if "group" in merged.columns else None
+    metrics = evaluate_columns(merged, names, "label", used, prediction_threshold, group_name)
+    return Evaluation(metrics, merged, unmatched, used)
+
+
+def run_evaluate(source: str | Mapping[str, str], labels_path: str, *, label_format: str = "auto",
+                 columns: Sequence[str] | None = None,
                  join_on: str = JOIN_KEY, threshold: float | None = None, prediction_threshold: float | None = None,
                  group_column: str | None = None, table_path: str | None = None, plot_path: str | None = None,
                  storage_options: Mapping[str, Any] | None = None) -> Evaluation:
-    """Read, evaluate, and write the table (``.csv`` beside a ``.md``) and plot where asked."""
+    """Read, evaluate, and write the table (``.csv`` beside a ``.md``) and plot where asked. ``source`` is one
+    scored output, or several by name (:func:`evaluate_outputs`)."""
     labels = read_labels(labels_path, label_format, storage_options)
-    evaluation = evaluate_scored(source, labels, columns, join_on, threshold, prediction_threshold, group_column,
-                                 storage_options)
+    sources = {"scores": source} if isinstance(source, str) else dict(source)
+    evaluation = evaluate_outputs(sources, labels, columns, join_on, threshold, prediction_threshold, group_column,
+                                  storage_options)
+    source = ", ".join(sources.values())
     if table_path:
         _write(table_path, evaluation.metrics.to_csv().encode(), storage_options)
         markdown_path = table_path.rsplit(".", 1)[0] + ".md" if table_path.endswith(".csv") else table_path + ".md"

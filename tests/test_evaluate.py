@@ -134,3 +134,27 @@ def test_run_evaluate_with_chosen_columns_and_url_stem_join(tmp_path) -> None:
     assert list(evaluation.metrics.index) == ["score_h"] and len(evaluation.frame) == 20
     assert evaluation.metrics.loc["score_h", "srcc"] > 0.9 and evaluation.threshold == 5.0
     assert json.loads(evaluation.metrics.to_json())["n"]["score_h"] == 20
+
+
+def test_evaluate_compares_two_outputs_on_the_rows_both_scored(tmp_path, capsys) -> None:
+    """A frozen-head output and a fine-tuned one, say: one table, the labelled rows both scored."""
+    from pipeline.cli import main
+
+    n = 200
+    keys = synthetic.keys_for(n)
+    embeddings = synthetic.unit_vectors(n, 8)
+    truth = synthetic.planted_scores(embeddings)
+    rng = np.random.default_rng(4)
+    frozen = synthetic.write_scored(tmp_path / "frozen", keys, embeddings, extra={
+        "score_h": (truth + rng.normal(0, 1.0, n)).astype(np.float32)})
+    tuned = synthetic.write_scored(tmp_path / "tuned", keys[: n - 20], embeddings[: n - 20], extra={
+        "score_h": (truth[: n - 20] + rng.normal(0, 0.1, n - 20)).astype(np.float32)})
+    (tmp_path / "labels.csv").write_text("key,score\n" + "".join(f"{k},{t:.4f}\n" for k, t in zip(keys, truth)))
+
+    code = main(["evaluate", "--scores", f"frozen={frozen}", "--scores", f"tuned={tuned}", "--column", "score_h",
+                 "--labels", str(tmp_path / "labels.csv"), "--table", str(tmp_path / "eval.csv")])
+    assert code == 0
+    assert capsys.readouterr().out.startswith(f"{n - 20} labelled rows")  # the 20 the tuned output lacks drop out
+    table = pd.read_csv(tmp_path / "eval.csv", index_col="column")
+    assert list(table.index) == ["frozen:score_h", "tuned:score_h"]
+    assert table.loc["tuned:score_h", "srcc"] > table.loc["frozen:score_h", "srcc"]

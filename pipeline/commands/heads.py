@@ -32,9 +32,15 @@ def _widths(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"hidden widths must be comma-separated integers, got {text!r}") from None
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scores", required=True,
-                        help="a scoring job's output prefix (committed units only) or a Parquet file/folder")
+def _add_common(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    if many:
+        parser.add_argument("--scores", required=True, action="append", metavar="[NAME=]OUTPUT",
+                            help="a scoring job's output prefix (committed units only) or a Parquet file/folder; "
+                                 "repeat to compare outputs (e.g. frozen=out/heads finetuned=out/finetuned) on "
+                                 "the labelled rows they all scored")
+    else:
+        parser.add_argument("--scores", required=True,
+                            help="a scoring job's output prefix (committed units only) or a Parquet file/folder")
     parser.add_argument("--join-on", default="key",
                         help="match labels to scored rows by 'key' (default), 'url_stem' (the url's file name "
                              "without extension, e.g. AVA image ids) or any column of the scored data")
@@ -97,7 +103,7 @@ def register(commands: Any) -> None:
 
     evaluate = commands.add_parser("evaluate", help="compare score columns with labels (PLCC, SRCC, MSE, "
                                                     "accuracy, burst top-1/MRR), as a table and a plot")
-    _add_common(evaluate)
+    _add_common(evaluate, many=True)
     _add_labels(evaluate)
     evaluate.add_argument("--column", action="append",
                           help="score column to evaluate; repeat for several (default: every score column)")
@@ -183,11 +189,29 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _named_outputs(values: list[str]) -> str | dict[str, str]:
+    """One output as given; several as name -> output (``NAME=OUTPUT``, else ``output1``, ``output2``...)."""
+    import re
+
+    from pipeline.errors import UsageError
+
+    pairs = []
+    for i, value in enumerate(values, 1):
+        match = re.fullmatch(r"([A-Za-z][\w.-]*)=(.+)", value)  # a path with '=' in it has a '/' before it
+        pairs.append((match.group(1), match.group(2)) if match else (f"output{i}", value))
+    if len(pairs) == 1:
+        return pairs[0][1]
+    named = dict(pairs)
+    if len(named) < len(pairs):
+        raise UsageError("--scores: each output needs its own name")
+    return named
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import run_evaluate
 
     evaluation = run_evaluate(
-        args.scores, args.labels, label_format=args.labels_format, columns=args.column, join_on=args.join_on,
+        _named_outputs(args.scores), args.labels, label_format=args.labels_format, columns=args.column, join_on=args.join_on,
         threshold=args.threshold, prediction_threshold=args.prediction_threshold, group_column=args.group_column,
         table_path=args.table, plot_path=args.plot, storage_options=_options(args))
     print(f"{len(evaluation.frame)} labelled rows ({evaluation.unmatched_labels} labels had no scored ok row), "
