@@ -507,12 +507,12 @@ def select_images(output: str, options: SelectOptions, model: ModelConfig | None
     records = read_units(output, storage_options)
     if not records:
         raise SelectionError(f"no committed units under {output}")
-    recorded = models_in(records)
-    # Check the embeddings exist before loading a model (which may be 1.7 GB).
-    for identity in recorded:
-        plan = plan_files(output, records, identity, None, storage_options)
-        check_embeddings(plan.uris, records, storage_options)
     if query_model is None:
+        # Check the embeddings exist before loading a model (which may be 1.7 GB). With a query embedding
+        # given (a server answering many queries) a missing column is found when a file is read.
+        for identity in models_in(records):
+            check_embeddings(plan_files(output, records, identity, None, storage_options).uris, records,
+                             storage_options)
         query_model = embed_query(options.query, records, model, weights_dirs, storage_options, device)
     exclude = _duplicates_by_shard(output, storage_options) if options.dedup else None
     index = _usable_index(output, options, query_model.identity, storage_options)
