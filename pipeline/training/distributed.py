@@ -32,7 +32,6 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -49,6 +48,7 @@ import pyarrow.parquet as pq
 from pipeline import schema
 from pipeline.config import ConfigError
 from pipeline.io.storage import pyarrow_filesystem
+from pipeline.training import checkpoints
 from pipeline.training.labels import AVA_VOTE_BINS, LabelTable
 from pipeline.training.scored import (
     JOIN_KEY,
@@ -386,13 +386,9 @@ def train_worker(loop: Mapping[str, Any]) -> None:
                    "best_val_loss": best_loss}
         # Ray Train keeps metrics only with checkpoints, so the last checkpoint (the best weights so far, and at
         # the end the whole history) is what the driver reads; every worker reports as often as rank 0.
-        if rank == 0 and (improved or stop):
-            with tempfile.TemporaryDirectory() as folder:
-                torch.save({**best_state, "best_epoch": best_epoch, "best_val_loss": best_loss, "epochs_run": epoch,
-                            "history": history}, os.path.join(folder, CHECKPOINT_FILE))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        else:
-            ray.train.report(metrics, checkpoint=None)
+        checkpoints.report(metrics, {**best_state, "best_epoch": best_epoch, "best_val_loss": best_loss,
+                                     "epochs_run": epoch, "history": history}
+                           if rank == 0 and (improved or stop) else None, CHECKPOINT_FILE)
         if stop:
             break
 
@@ -515,8 +511,7 @@ def train_distributed(scores: str, labels: LabelTable, config: TrainConfig | Non
         log.info("Ray Train: %d workers in %.1f s", workers, time.monotonic() - fit_started)
         if result.checkpoint is None:
             raise RuntimeError("Ray Train finished without a checkpoint of the best weights")
-        with result.checkpoint.as_directory() as folder:
-            best = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        best = checkpoints.load(result.checkpoint, CHECKPOINT_FILE)
     finally:
         if owned_storage:
             shutil.rmtree(storage_path, ignore_errors=True)

@@ -52,6 +52,7 @@ import numpy as np
 from pipeline import schema
 from pipeline.config import TINY_ARCH, ConfigError, DecodeConfig, ModelConfig
 from pipeline.errors import InputError
+from pipeline.training import checkpoints
 from pipeline.training.labels import AVA_BINARY_THRESHOLD, AVA_VOTE_BINS, LabelKind, LabelTable
 from pipeline.training.schedule import Schedule, load_schedule
 from pipeline.training.splits import SPLIT_NAMES, TEST, TRAIN, VALIDATION, split_assignments
@@ -436,8 +437,7 @@ def finetune_worker(loop: Mapping[str, Any]) -> None:
                              "optimizer": None, "stage_step": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        state = checkpoints.load(checkpoint, CHECKPOINT_FILE)
         module.load_state_dict(state["model"])
         state["resumed_after"] = [*state.get("resumed_after", []), state["epoch"]]
         log.info("rank %d resumes after epoch %d", rank, state["epoch"])
@@ -519,14 +519,10 @@ def finetune_worker(loop: Mapping[str, Any]) -> None:
         stop = config.patience is not None and state["stale"] >= config.patience
         metrics = {**record, "val_srcc_for_selection": srcc if math.isfinite(srcc) else -1e9,
                    "best_epoch": state["best_epoch"], "stopped": stop}
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as folder:
-                torch.save({**state, "epoch": epoch, "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-                            "optimizer": optimizer.state_dict(), "optimizer_stage": stage_index,
-                            "stage_step": stage_step}, os.path.join(folder, CHECKPOINT_FILE))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        else:
-            ray.train.report(metrics, checkpoint=None)
+        checkpoints.report(metrics, {
+            **state, "epoch": epoch, "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "optimizer_stage": stage_index, "stage_step": stage_step,
+        } if rank == 0 else None, CHECKPOINT_FILE)
         if stop:
             break
 
@@ -635,10 +631,8 @@ def finetune(inputs: Sequence[str], labels: LabelTable, out: str, config: Finetu
             raise RuntimeError("Ray Train finished without a checkpoint")
         # Best SRCC; among equals the earliest epoch, as the workers' own bookkeeping picks.
         best_checkpoint = max(candidates, key=lambda c: (c[0], -c[1]))[2]
-        with best_checkpoint.as_directory() as folder:
-            best = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-        with result.checkpoint.as_directory() as folder:
-            latest = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        best = checkpoints.load(best_checkpoint, CHECKPOINT_FILE)
+        latest = checkpoints.load(result.checkpoint, CHECKPOINT_FILE)
     finally:
         if owned_storage:
             shutil.rmtree(storage_path, ignore_errors=True)
