@@ -3,7 +3,9 @@ of one worker, and (``--compare``) held-out SRCC of fine-tuning against a head o
 
 1. The whole path on a local Ray: planted photographs (tests/training/finetune_data.py) as img2dataset shards,
    read + decode through Ray Data, the tiny architecture fine-tuned by one Ray Train worker; the worker's
-   measured training images/s (decode cached) and peak RSS come from the run's per-epoch record.
+   measured training images/s (decode cached) and peak RSS come from the run's per-epoch record. With
+   ``--compare``, also fine-tuning against a head on the frozen embeddings, on blur/darkness and on a texture
+   the frozen tower cannot see (finetune_data.build_texture), with a paired bootstrap of the difference.
 2. The real architecture's step cost, no Ray: one forward + backward of ViT-L-14 (random weights, fp32, CPU)
    on a small batch, timed, with torch's FLOP counter. The planned figure per GPU is
    ``peak bf16 FLOP/s * MFU / FLOPs per image``; the assumed peak and MFU are printed with it.
@@ -56,32 +58,36 @@ def tiny_on_ray(images: int, compare: bool) -> None:
     print(f"fine-tuned: val SRCC {tuned['val']['srcc']:.3f}, test SRCC {tuned['test']['srcc']:.3f} "
           f"(n={tuned['test']['n']}, best epoch {result.record['best_epoch']})")
     if compare:
-        frozen = frozen_head(ft, labels, config, planted.shards_dir)
+        frozen = finetune_data.frozen_head(labels, config, planted.shards_dir)
         print(f"best train-head grid on the frozen tower's embeddings: val SRCC {frozen['val']:.3f}, "
               f"test SRCC {frozen['test']:.3f}")
 
 
-def frozen_head(ft, labels, config, shards: str) -> dict[str, float]:
-    import numpy as np
-    import torch
+def texture_compare(images: int) -> None:
+    """Fine-tuning against the frozen-embedding head on a rule the frozen tower cannot see (the test's setup)."""
+    from pipeline.config import ModelConfig
+    from pipeline.training import finetune as ft
+    from pipeline.training.labels import read_labels
+    from pipeline.training.schedule import parse_schedule
+    from tests.training import finetune_data
 
-    from pipeline.training.train_head import TrainConfig, TrainingSet, config_grid, train_many
-
-    data = ft.labelled_images([shards], labels, config, cache=True)
-    model, _ = ft.build_model(config, 0.0, 1.0, 1.0)
-    keys, embeddings, scores = [], [], []
-    with torch.no_grad():
-        for code in (0, 1, 2):
-            for batch in data.split(code).iter_batches(batch_size=64, batch_format="numpy"):
-                pixels = torch.from_numpy(np.array(batch[ft.PIXELS]))
-                embeddings.append(torch.nn.functional.normalize(model.visual(model.normalised(pixels)), dim=-1))
-                keys += list(batch[ft.KEY])
-                scores.append(batch[ft.SCORE])
-    training = TrainingSet(np.asarray(keys, dtype=object), torch.cat(embeddings).numpy(), np.concatenate(scores))
-    grid = config_grid(TrainConfig(seed=config.seed, val_fraction=config.val_fraction,
-                                   test_fraction=config.test_fraction), arch=["linear", "mlp"], lr=[1e-3, 1e-2])
-    best = train_many(training, grid)[0]
-    return {"val": best.metrics["val"]["srcc"], "test": best.metrics["test"]["srcc"]}
+    root = Path(tempfile.mkdtemp(prefix="bench-finetune-texture-"))
+    textured = finetune_data.build_texture(root, images, 40)
+    labels = read_labels(textured.csv_path)
+    config = ft.FinetuneConfig(model=ModelConfig(name="tiny-random", device="cpu"), batch_size=32, head_lr_scale=1,
+                               val_fraction=0.2, test_fraction=0.2)
+    schedule = parse_schedule({"stages": [{"optimizer": "adamw", "lr": 1e-3, "epochs": 12, "loss": "mse"}]}, "bench")
+    tuned = ft.finetune([textured.shards_dir], labels, str(root / "out"), config, schedule, cpus_per_worker=1,
+                        cache=True)
+    frozen = finetune_data.frozen_head(labels, config, textured.shards_dir)
+    test = tuned.predictions["test"]
+    difference, low, high = finetune_data.paired_bootstrap(test["keys"], test["predictions"], frozen["test_keys"],
+                                                           frozen["test_predictions"], textured.planted)
+    metrics = tuned.record["metrics"]
+    print(f"null-space texture rule ({images} images, n_test={metrics['test']['n']}): fine-tuned val "
+          f"{metrics['val']['srcc']:.3f} test {metrics['test']['srcc']:.3f}; frozen-embedding head val "
+          f"{frozen['val']:.3f} test {frozen['test']:.3f}; difference {difference:.3f}, paired bootstrap 95% "
+          f"[{low:.3f}, {high:.3f}]")
 
 
 def large_step(batch: int) -> None:
@@ -120,6 +126,8 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true", help="also train heads on the frozen embeddings")
     args = parser.parse_args()
     tiny_on_ray(args.images, args.compare)
+    if args.compare:
+        texture_compare(240)
     if args.large_batch:
         large_step(args.large_batch)
 

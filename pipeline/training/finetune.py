@@ -248,12 +248,15 @@ def labelled_images(inputs: Sequence[str], labels: LabelTable, config: FinetuneC
 
     if cache:
         everything = decoded((TRAIN, VALIDATION, TEST)).materialize()
-        counted = everything
+        # Each split held apart once: iterating a materialized split runs no task, where a filter run every
+        # epoch would start worker processes again each time (Ray reaps idle ones within a second).
+        cached = {code: everything.map_batches(_only_split, batch_format="numpy", batch_size=None, num_cpus=0.1,
+                                               fn_kwargs={"code": code}).materialize() for code in SPLIT_NAMES}
+        del everything
+        counted = cached[TRAIN].union(cached[VALIDATION], cached[TEST])
 
         def build(code: int) -> Any:
-            # A filter of cached rows: a sliver of a CPU, so it never waits behind the training workers.
-            return everything.map_batches(_only_split, batch_format="numpy", batch_size=None, num_cpus=0.1,
-                                          fn_kwargs={"code": code})
+            return cached[code]
     else:
         counted = read().map_batches(_labelled, batch_format="numpy", batch_size=None, num_cpus=read_cpus,
                                      fn_kwargs={**split_args, "splits": (TRAIN, VALIDATION, TEST),
