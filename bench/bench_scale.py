@@ -3,20 +3,22 @@
 A real run (img2dataset shards, local Ray, tiny model) gives one unit's files and record. Each output is
 then fabricated from it: 4 numbered shards per unit in an input prefix, the unit's band files copied per
 unit, the data table committed in batches of units (each carrying its app transactions), the unit table
-written with one row per unit, both checkpointed, as a long history of per-unit commits leaves them.
+written with one row per unit, both checkpointed, as a long history of per-unit commits leaves them, and the
+input's listing kept in the output as the run that scored it keeps it (pipeline.io.listing).
 Each command then runs in a subprocess of its own, and its wall seconds and peak RSS (the process's own
 ``ru_maxrss``) are printed:
 
-- listing the input alone (what ``status`` and ``nightly`` must do whatever the bookkeeping costs);
+- listing the whole input alone (what ``status`` and ``nightly`` would pay on every run without the kept
+  listing; not timed on moto past 10,000 units);
 - ``cutoffs``; ``status --input``; ``nightly --dry-run`` with nothing new, and with 100 new shards (the time
-  to a plan, every check included);
+  to a plan, every check included), each listing the input from where the kept listing ended;
 - opening the snapshot: Polars ``scan_delta`` to its schema, DuckDB over the table's pyarrow dataset;
 - ``aesthetics optimize``, then cutoffs, status and both openings again on the compacted tables
   (``--no-optimize`` skips it).
 
     python -m bench.bench_scale [--units 1000 10000 58000] [--stores local s3]
 
-S3 is a moto server started on 127.0.0.1 for the run.
+S3 is a moto server started on 127.0.0.1 for the run; the input and the output are in two buckets.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARDS_PER_UNIT = 4
 NEW_SHARDS = 100
 BATCH_UNITS = 2000  # units per fabricated data commit
+FULL_LISTING_ON_MOTO = 10000  # units; beyond, a full listing on moto takes most of an hour (see _kept_listing)
 
 AFTER_OPTIMIZE = ("cutoffs", "status", "Polars open", "DuckDB open")  # timed again on the compacted tables
 TARGETS_58K_S3 = {"cutoffs": 5.0, "status": 10.0, "nightly, nothing new": 30.0, "nightly, 100 new shards": 30.0,
@@ -97,13 +100,15 @@ def fabricate(units: int, input_uri: str, output_uri: str, record: dict[str, Any
     from pipeline.io import units as unit_table
     from pipeline.io.commits import UNIT_KEY, data_file_name
     from pipeline.io.delta import storage_options_for, table_uri
-    from pipeline.io.shards import list_shards, plan_units
+    from pipeline.io.shards import plan_units, shards_from
     from pipeline.io.storage import filesystem, join
 
     started = time.perf_counter()
     fs, in_root = filesystem(input_uri, storage_options)
-    _put(fs, {join(in_root, f"{n:06d}.tar"): b"" for n in range(units * SHARDS_PER_UNIT)})
-    planned = plan_units(list_shards([input_uri], storage_options), SHARDS_PER_UNIT)
+    names = [join(in_root, f"{n:06d}.tar") for n in range(units * SHARDS_PER_UNIT)]
+    _put(fs, {name: b"" for name in names})
+    listed = _kept_listing(fs, input_uri, output_uri, names, storage_options)
+    planned = plan_units(shards_from(listed.entries), SHARDS_PER_UNIT)
     assert len(planned) == units
 
     out_fs, out_root = filesystem(output_uri, storage_options)
@@ -137,9 +142,33 @@ def fabricate(units: int, input_uri: str, output_uri: str, record: dict[str, Any
                                       for _, band, _ in files])
             rows.append(unit_table.to_row(unit_record, 1, version))
     unit_table.append(output_uri, rows, storage_options)
+    listed.save()  # as the run that committed them keeps it
     for uri in (output_uri, unit_table.units_uri(output_uri)):
         DeltaTable(table_uri(uri), storage_options=storage_options_for(uri, storage_options)).create_checkpoint()
     return time.perf_counter() - started
+
+
+def _kept_listing(fs: Any, input_uri: str, output_uri: str, names: list[str], storage_options: dict[str, Any]) -> Any:
+    """The input's listing, as the first run that scored it keeps it (pipeline.io.listing). On a local disk that
+    run's full listing is made here; on S3 it is written from what was put, since moto answers each listing
+    page by sorting the whole bucket: a full listing of 232,000 objects there takes most of an hour, against
+    about a minute at S3's own rate of 1,000 keys per request. An S3 ETag of a single-part upload is the MD5 of
+    its bytes, here of nothing."""
+    import hashlib
+
+    from pipeline.io.listing import FolderListing, InputListing, list_input_entries
+    from pipeline.io.storage import full_uri, protocol_of
+
+    if protocol_of(fs) in ("file", "local"):
+        listed = list_input_entries([input_uri], storage_options, output_uri)
+    else:
+        uris = sorted(full_uri(fs, name) for name in names)
+        empty = hashlib.md5(b"").hexdigest()
+        folder = FolderListing(input_uri, input_uri.rstrip("/"), uris, [0] * len(uris), [empty] * len(uris),
+                               time.time(), True, "webdataset")
+        listed = InputListing(output_uri, storage_options, folder.entries(), [folder])
+    listed.format = "webdataset"
+    return listed
 
 
 def measure(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
@@ -219,12 +248,17 @@ def main(argv: list[str] | None = None) -> int:
                 if store == "local":
                     input_uri, output_uri, opts = str(scratch / name / "shards"), str(scratch / name / "scores"), {}
                 else:
-                    bucket = f"scale-{units}"
-                    _make_bucket(server[1], bucket)
-                    input_uri, output_uri, opts = f"s3://{bucket}/shards", f"s3://{bucket}/scores", options
+                    # The input and the output in buckets of their own, as a deployment keeps them.
+                    for bucket in (f"scale-{units}-shards", f"scale-{units}-scores"):
+                        _make_bucket(server[1], bucket)
+                    input_uri, output_uri = f"s3://scale-{units}-shards/shards", f"s3://scale-{units}-scores/scores"
+                    opts = options
                 seconds = fabricate(units, input_uri, output_uri, record, files, opts)
                 print(f"{name}: fabricated in {seconds:.0f} s", flush=True)
                 for label, command in commands(input_uri, output_uri, opts, head_args).items():
+                    if label == "list the input" and store == "s3" and units > FULL_LISTING_ON_MOTO:
+                        print(f"  {label:26s} not timed: moto sorts the whole bucket for every page", flush=True)
+                        continue
                     if label == "nightly, 100 new shards":
                         _add_new_shards(input_uri, units, opts)
                     wall, rss, last = measure(command, env)

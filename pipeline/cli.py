@@ -9,12 +9,12 @@ import argparse
 import logging
 import sys
 import traceback
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
 from pipeline.commands.options import add_storage_options
-from pipeline.config import PRECISIONS, ConfigError, ScoreConfig, config_from_mapping
+from pipeline.config import LISTING_MODES, PRECISIONS, ConfigError, ListingConfig, ScoreConfig, config_from_mapping
 from pipeline.errors import ExitCode, explain
 from pipeline.io import layout
 
@@ -49,6 +49,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-option", action="append", type=_input_option, metavar="KEY=VALUE",
                         help="an option of the input format, e.g. files_per_unit=1000 (files); repeat for several")
     parser.add_argument("--output", help="output prefix (any fsspec URI)")
+    add_listing_arguments(parser)
     parser.add_argument("--config", help="YAML file with the same settings (flags override it)")
     parser.add_argument("--model", help="open_clip model name (default ViT-L-14-quickgelu; 'tiny-random' for tests)")
     parser.add_argument("--pretrained", help="open_clip tag (openai) or a path/URI of a weights file")
@@ -92,6 +93,23 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     add_storage_options(parser)
 
 
+def add_listing_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listing", choices=LISTING_MODES,
+                        help="auto (default): list each input folder from where the output's kept listing of it "
+                             "ended, and in full every --full-listing-days; full: list everything")
+    parser.add_argument("--full-listing-days", type=float, metavar="DAYS",
+                        help="list the input in full when the last full listing is older than this (default 7)")
+
+
+def listing_values(args: argparse.Namespace, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    listing = dict((values or {}).get("listing", {}))
+    if args.listing is not None:
+        listing["mode"] = args.listing
+    if args.full_listing_days is not None:
+        listing["full_every_days"] = args.full_listing_days
+    return listing
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     """The settings in a YAML file, as a mapping; any problem with the file is a ConfigError."""
     try:
@@ -132,7 +150,7 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
         decode["fast"] = False
     if resources.get("max_actors") is not None and resources.get("min_actors") is None:
         resources["min_actors"] = min(resources["max_actors"], 1)
-    values.update(model=model, resources=resources, decode=decode)
+    values.update(model=model, resources=resources, decode=decode, listing=listing_values(args, values))
     if args.input:
         values["input"] = args.input
     if args.output:
@@ -204,7 +222,8 @@ def print_plan(prepared: Any) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from pipeline.status import unit_status
 
-    report = unit_status(args.output, args.input, storage_options=dict(args.storage_option or []))
+    report = unit_status(args.output, args.input, storage_options=dict(args.storage_option or []),
+                         listing=ListingConfig(**listing_values(args)))
     print(report.to_text())
     return ExitCode.FAILED if report.failed else ExitCode.OK
 
@@ -264,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="units done / pending / failed, by model version, and why")
     status.add_argument("output")
     status.add_argument("--input", action="append", help="the shards (default: the last run's input)")
+    add_listing_arguments(status)
     add_storage_options(status)
     status.set_defaults(run=cmd_status)
 

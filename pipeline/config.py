@@ -231,6 +231,24 @@ class InputConfig:
         return InputConfig(format, options)
 
 
+LISTING_MODES = ("auto", "full")
+
+
+@dataclass(frozen=True)
+class ListingConfig:
+    """How to list the input (pipeline.io.listing): ``auto`` lists each folder from where its kept listing
+    ended when that listing allows it, ``full`` lists everything; a full listing is made anyway when the last
+    one is older than ``full_every_days``."""
+
+    mode: str = "auto"
+    full_every_days: float = 7.0
+
+    def __post_init__(self) -> None:
+        _require(self.mode in LISTING_MODES, f"listing mode {self.mode!r} is not one of {', '.join(LISTING_MODES)}")
+        _require(isinstance(self.full_every_days, (int, float)) and self.full_every_days > 0,
+                 f"listing full_every_days must be a number > 0, got {self.full_every_days!r}")
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     """One scoring job: which shards, where the output goes, which model and heads."""
@@ -243,6 +261,7 @@ class ScoreConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     shards_per_unit: int = 4
     source: InputConfig = field(default_factory=InputConfig)
+    listing: ListingConfig = field(default_factory=ListingConfig)
     write_embeddings: bool = False
     # clip_similarity: the caption's text embedding (same CLIP, open_clip's tokenizer) against the image's
     caption_similarity: bool = True
@@ -325,6 +344,8 @@ def config_from_mapping(values: Mapping[str, Any]) -> ScoreConfig:
         values["resources"] = _build(ResourcesConfig, values["resources"], "resources")
     if "source" in values:
         values["source"] = _build(InputConfig, values["source"], "source")
+    if "listing" in values:
+        values["listing"] = _build(ListingConfig, values["listing"], "listing")
     if "heads" in values:
         heads = []
         for item in values["heads"]:

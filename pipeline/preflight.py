@@ -19,9 +19,10 @@ from typing import Any, Mapping, Sequence
 from pipeline.config import KNOWN_HEADS, HeadSpec, ModelConfig, ScoreConfig, WeightsSpec
 from pipeline.errors import InputError, OutputError, WeightsError
 from pipeline.exclusions import Exclusions, load_exclusions
+from pipeline.io.listing import InputListing, list_input_entries
 from pipeline.io.storage import check_reachable, filesystem, full_uri, protocol_of
 from pipeline.io.units import refuse_earlier_layout
-from pipeline.sources import WorkItem, list_items
+from pipeline.sources import WorkItem, list_input
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class PreparedRun:
     requested_precision: str
     shards: tuple[WorkItem, ...]  # img2dataset shards, image files, ...: whatever config.source.format reads
     exclusions: Exclusions | None = None  # the --exclude-hashes list, loaded (its sha256 pinned in config)
+    listing: InputListing | None = None  # how the input was listed; a run keeps it for the next one
 
 
 def prepare_run(config: ScoreConfig, check_clip_weights: bool = True) -> PreparedRun:
@@ -45,7 +47,9 @@ def prepare_run(config: ScoreConfig, check_clip_weights: bool = True) -> Prepare
     for uri in (*config.input, config.output):
         check_reachable(uri, config.storage_options)
     check_output_location(config.output, config.input, config.storage_options)
-    source, items = list_items(config)
+    listing = list_input_entries(config.input, config.storage_options, config.output, config.listing)
+    source, items = list_input(config.input, config.storage_options, config.source, listing.entries)
+    listing.format = source.name
     shards = tuple(items)
     config = config.replace(source=config.source.resolved(source.name))
     model = pin_model(config, check_clip_weights)
@@ -57,7 +61,7 @@ def prepare_run(config: ScoreConfig, check_clip_weights: bool = True) -> Prepare
             raise InputError(f"--exclude-hashes {config.exclude_hashes} has sha256 {exclusions.sha256}, not the "
                              f"pinned {config.exclude_hashes_sha256}")
         config = config.replace(exclude_hashes_sha256=exclusions.sha256)
-    return PreparedRun(config.replace(model=model, heads=heads), config.model.precision, shards, exclusions)
+    return PreparedRun(config.replace(model=model, heads=heads), config.model.precision, shards, exclusions, listing)
 
 
 # The output --------------------------------------------------------------------------------------

@@ -162,6 +162,8 @@ def run_prepared(prepared: PreparedRun, run_id: str | None = None, embed_loader:
         if on_start:
             on_start()
         committer = UnitCommitter(config.output, config.storage_options)  # first, it completes a stopped run's
+        if prepared.listing is not None:
+            prepared.listing.save()  # the next run lists from where this listing ended
         plan = plan_run(config, prepared.shards)
         identity = run_identity(config, plan.shards_per_unit, prepared.requested_precision)
         summary = RunSummary(run_id=run_id, output=config.output, input=list(config.input),

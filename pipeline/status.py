@@ -2,7 +2,7 @@
 
 Everything comes from the output prefix itself: the unit table says what is committed, run summaries
 say what the last runs tried and what failed, and the last run's input is listed again to find
-what is pending.
+what is pending (from where the output's kept listing of it ended: pipeline.io.listing).
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from pipeline.config import InputConfig
+from pipeline.config import InputConfig, ListingConfig
 from pipeline.io import layout
+from pipeline.io.listing import list_input_entries
 from pipeline.io.storage import filesystem, join, read_json
 from pipeline.io.units import read_facts
 from pipeline.planning import STALE, committed_shards_per_unit, pending_reason
@@ -27,6 +28,7 @@ class StatusReport:
     failed: dict[str, str] = field(default_factory=dict)  # unit -> the last failure, not committed since
     last_run: dict[str, Any] | None = None
     input: list[str] = field(default_factory=list)
+    listed: str = ""  # how the input was listed
 
     def to_text(self) -> str:
         lines = [f"output {self.output}"]
@@ -34,6 +36,8 @@ class StatusReport:
             lines.append(f"  done     {units:6d} units  {self.rows_by_model[key]:10d} rows  model {key}")
         lines.append(f"  pending  {len(self.pending):6d} units" + (f"  (input {', '.join(self.input)})" if self.input else
                                                                  "  (no input known: pass --input)"))
+        if self.listed:
+            lines.append(f"    listed: {self.listed}")
         for unit, why in sorted(self.pending.items()):
             lines.append(f"    {unit}: {why}")
         lines.append(f"  failed   {len(self.failed):6d} units")
@@ -55,7 +59,10 @@ def read_run_summaries(output: str, storage_options: Mapping[str, Any] | None = 
 
 
 def unit_status(output: str, inputs: Sequence[str] | None = None, model_key: str | None = None,
-                shards_per_unit: int | None = None, storage_options: Mapping[str, Any] | None = None) -> StatusReport:
+                shards_per_unit: int | None = None, storage_options: Mapping[str, Any] | None = None,
+                listing: ListingConfig = ListingConfig()) -> StatusReport:
+    """What is done, pending and failed. The input is listed from where the output's kept listing ended, when
+    that listing allows it (pipeline.io.listing); status never writes the kept listing."""
     records = read_facts(output, storage_options)
     runs = read_run_summaries(output, storage_options)
     report = StatusReport(output=output, last_run=runs[-1] if runs else None)
@@ -74,7 +81,9 @@ def unit_status(output: str, inputs: Sequence[str] | None = None, model_key: str
         per_unit = (shards_per_unit or committed_shards_per_unit(records)
                     or (runs[-1].get("shards_per_unit") if runs else None) or 4)
         input_config = InputConfig(**((runs[-1].get("source") if runs else None) or {}))
-        source, items = list_input(report.input, storage_options, input_config)
+        listed = list_input_entries(report.input, storage_options, output, listing)
+        report.listed = listed.describe()
+        source, items = list_input(report.input, storage_options, input_config, listed.entries)
         for unit in source.plan_units(items, per_unit, records):
             why = pending_reason(unit, records.get(unit.unit_id), key)
             if why is not None:

@@ -53,10 +53,13 @@ def resolve_format(entries: Sequence[Any], wanted: str, inputs: Sequence[str]) -
     raise InputError(f"the input {where} could be read as {names}; say which with --input-format")
 
 
-def list_input(inputs: Sequence[str], storage_options: Mapping[str, Any] | None,
-               input_config: Any) -> tuple[Source, list[WorkItem]]:
-    """The input's format and work items, for an InputConfig; nothing to score is an InputError."""
-    entries = list_entries(inputs, storage_options)
+def list_input(inputs: Sequence[str], storage_options: Mapping[str, Any] | None, input_config: Any,
+               entries: Sequence[Any] | None = None) -> tuple[Source, list[WorkItem]]:
+    """The input's format and work items, for an InputConfig; nothing to score is an InputError.
+
+    ``entries``: the input's listing when the caller made it (pipeline.io.listing); else it is listed here."""
+    if entries is None:
+        entries = list_entries(inputs, storage_options)
     source = resolve_format(entries, input_config.format, inputs)
     items = source.list_items(entries, input_config.resolved(source.name).options)
     if not items:
@@ -65,7 +68,7 @@ def list_input(inputs: Sequence[str], storage_options: Mapping[str, Any] | None,
 
 
 def list_items(config: Any) -> tuple[Source, list[WorkItem]]:
-    """:func:`list_input` for a ScoreConfig."""
+    """:func:`list_input` for a ScoreConfig, listed in full."""
     return list_input(config.input, config.storage_options, config.source)
 
 

@@ -209,6 +209,9 @@ class Source(Protocol):
 
     name: str  # the --input-format value
     items_per_task: int  # work items one read task takes: a shard is plenty, an image file is not
+    # New items' names sort after the old ones' (img2dataset numbers its shards), so the input may be listed
+    # from where the last listing ended (pipeline.io.listing); False lists it in full on every run.
+    names_in_order: bool
 
     def parse_options(self, values: Mapping[str, Any]) -> Any:
         """The format's typed options (see :func:`parse_options`); raises ConfigError."""

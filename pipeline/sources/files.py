@@ -91,6 +91,7 @@ class FilesOptions:
 class FilesSource:
     name = "files"
     items_per_task = 64  # one image is little work: a task per image would be mostly overhead
+    names_in_order = False  # images are added anywhere, under any name
 
     def parse_options(self, values: Mapping[str, Any]) -> FilesOptions:
         return parse_options(FilesOptions, values, self.name)

@@ -103,6 +103,7 @@ def _file_error(problem: str) -> list[dict[str, Any]]:
 class ParquetSource:
     name = "parquet"
     items_per_task = 1
+    names_in_order = False  # a file name says nothing about when it arrived
 
     def parse_options(self, values: Mapping[str, Any]) -> ParquetOptions:
         return parse_options(ParquetOptions, values, self.name)

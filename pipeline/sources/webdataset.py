@@ -13,6 +13,7 @@ from pipeline.sources.base import Entry, NoOptions, WorkUnit, parse_options, rea
 class WebDatasetSource:
     name = "webdataset"
     items_per_task = 1
+    names_in_order = True  # img2dataset numbers shards; a new download continues them or takes a new folder
 
     def parse_options(self, values: Mapping[str, Any]) -> NoOptions:
         return parse_options(NoOptions, values, self.name)

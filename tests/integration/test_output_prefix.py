@@ -15,7 +15,7 @@ from pipeline import schema as S
 from pipeline.config import ModelConfig
 from pipeline.cutoffs import LAION_PUBLISHED_COUNTS
 from pipeline.errors import ExitCode
-from pipeline.io import layout
+from pipeline.io import layout, listing
 from pipeline.io.delta import committed_files, open_table
 from pipeline.io.storage import filesystem, read_json
 from pipeline.io.units import read_units
@@ -107,8 +107,24 @@ def test_a_dry_run_prints_the_plan_and_writes_nothing(scored, sample_dataset, sc
         command += ["--head", f"{head.weights.uri},sha256={head.weights.sha256}"]
     for directory in scoring.weights_dirs:
         command += ["--weights-dir", directory]
+    kept = {path: path.read_bytes() for path in (output / listing.FOLDER).iterdir()}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     units = len(read_units(str(output)))
     assert f"plan: {units} units of 1 shards; {units} done, 0 to do (none)" in result.stdout
     assert open_table(str(output)).version() == version and not (output / layout.LOCK).exists()
+    assert {path: path.read_bytes() for path in (output / listing.FOLDER).iterdir()} == kept
+
+
+def test_a_run_keeps_its_input_listing_and_status_lists_from_it(scored, sample_dataset, capsys):
+    from pipeline.cli import main
+
+    output = str(scored["output"])
+    (kept,) = (scored["output"] / listing.FOLDER).iterdir()  # one input folder, one kept listing
+    assert main(["status", output]) == ExitCode.OK
+    text = capsys.readouterr().out
+    assert "pending       0 units" in text and "listed after the start" in text, text
+    assert main(["status", output, "--listing", "full"]) == ExitCode.OK
+    assert "listed: shards: full" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse's usage error: the modes are auto and full
+        main(["status", output, "--listing", "sometimes"])

@@ -7,7 +7,14 @@ the labelled images decoded once into the object store (``cache``), a few epochs
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,3 +256,46 @@ def test_finetuning_beats_the_frozen_embeddings_head_on_a_rule_beyond_them(tmp_p
     assert difference == pytest.approx(metrics["test"]["srcc"] - frozen["test"], abs=1e-6)
     # The margin, and the whole 95% bootstrap interval of it over the test images, clear of zero.
     assert difference > MARGIN and low > 0.1, (difference, low, high)
+
+
+# -- a killed driver -----------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_driver_killed_mid_run_is_resumed_by_the_rerun_from_its_last_checkpoint(planted, tmp_path) -> None:
+    storage, out = tmp_path / "train-storage", tmp_path / "out"
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text("stages:\n  - {optimizer: adamw, lr: 3e-4, epochs: 8, loss: mse}\n")
+    command = [sys.executable, "-m", "pipeline.cli", "finetune", "--input", planted.shards_dir, "--labels",
+               planted.csv_path, "--model", "tiny-random", "--out", str(out), "--schedule", str(schedule),
+               "--train-storage", str(storage), "--cache", "--val-fraction", "0.2", "--test-fraction", "0.2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own, killed with it
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
+    with open(tmp_path / "first.log", "wb") as log:
+        driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and driver.poll() is None and not list(storage.glob("*/checkpoint_*")):
+            time.sleep(0.1)
+        assert driver.poll() is None, "the run ended before it could be killed: " + \
+            (tmp_path / "first.log").read_text()[-2000:]
+        os.kill(driver.pid, signal.SIGKILL)  # the driver; the rest of its local Ray goes below
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        time.sleep(1)
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not (out / "finetune.json").exists()
+
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    record = json.loads((out / "finetune.json").read_text())
+    print(f"\nkilled the driver; the rerun resumed after epochs {record['resumed_after_epochs']}")
+    (resumed_after,) = record["resumed_after_epochs"]
+    assert 1 <= resumed_after < 8
+    assert [row["epoch"] for row in record["history"]] == list(range(1, 9))  # each epoch once, none lost
