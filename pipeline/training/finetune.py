@@ -552,6 +552,20 @@ def _use_gpu(use_gpu: bool | None, device: str) -> bool:
     return device == "cuda"
 
 
+def _train_storage(storage_path: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Ray Train's storage arguments: an object store is reached through the job's own filesystem (its endpoint,
+    retries and options), not through pyarrow's reading of the environment."""
+    from pipeline.io.storage import filesystem, is_local, pyarrow_filesystem
+
+    if is_local(storage_path):
+        return {"storage_path": storage_path}
+    # No listing cache and no shared instance: Ray Train asks whether a run's snapshot exists, and a cached
+    # listing from an earlier run in the same process would say no, so the rerun would start from scratch.
+    options = {**(storage_options or {}), "use_listings_cache": False, "skip_instance_cache": True}
+    fs, path = filesystem(storage_path, options)
+    return {"storage_path": path, "storage_filesystem": pyarrow_filesystem(fs)}
+
+
 def _write_file(path: str, data: bytes, storage_options: Mapping[str, Any] | None) -> str:
     from pipeline.io.storage import filesystem, write_bytes_atomic
 
@@ -616,7 +630,7 @@ def finetune(inputs: Sequence[str], labels: LabelTable, out: str, config: Finetu
             finetune_worker, train_loop_config=loop,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cpus_per_worker}),
-            run_config=RunConfig(name=run_name, storage_path=storage_path,
+            run_config=RunConfig(name=run_name, **_train_storage(storage_path, storage_options),
                                  failure_config=FailureConfig(max_failures=max_failures),
                                  checkpoint_config=CheckpointConfig(
                                      num_to_keep=2, checkpoint_score_attribute="val_srcc_for_selection",

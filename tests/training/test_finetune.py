@@ -258,6 +258,30 @@ def test_finetuning_beats_the_frozen_embeddings_head_on_a_rule_beyond_them(tmp_p
     assert difference > MARGIN and low > 0.1, (difference, low, high)
 
 
+def test_checkpoints_and_the_result_go_to_s3_and_a_rerun_resumes_from_there(planted, s3_server, s3_bucket,
+                                                                          ray_local) -> None:
+    labels = read_labels(planted.csv_path)
+    schedule = parse_schedule({"stages": [{"optimizer": "adamw", "lr": 1e-3, "epochs": 2, "loss": "mse"}]}, "s3")
+    out, runs = f"s3://{s3_bucket}/finetuned", f"s3://{s3_bucket}/train-runs"
+    options = s3_server.storage_options
+    first = ft.finetune([planted.shards_dir], labels, out, COMPARE, schedule, cpus_per_worker=0.5, cache=True,
+                        storage_path=runs, storage_options=options)
+    fs = s3_server.filesystem()
+    assert fs.glob(f"{s3_bucket}/train-runs/*/checkpoint_*")  # Ray Train's checkpoints, on the S3 server
+    for name in (ft.CLIP_FILE, ft.HEAD_FILE, ft.RECORD_FILE):
+        assert fs.exists(f"{s3_bucket}/finetuned/{name}")
+    import hashlib
+
+    assert hashlib.sha256(fs.cat(f"{s3_bucket}/finetuned/{ft.HEAD_FILE}")).hexdigest() == first.record["head_sha256"]
+    # The same command again: the finished run is found in the S3 storage and nothing is trained again.
+    again = ft.finetune([planted.shards_dir], labels, out, COMPARE, schedule, cpus_per_worker=0.5, cache=True,
+                        storage_path=runs, storage_options=options)
+    assert again.record["head_sha256"] == first.record["head_sha256"]
+    # The epochs' records come from the stored checkpoint: each epoch's measured wall seconds, which a run
+    # trained again could not repeat.
+    assert again.record["history"] == first.record["history"]
+
+
 # -- a killed driver -----------------------------------------------------------------------------
 REPO = Path(__file__).resolve().parents[2]
 
