@@ -131,12 +131,12 @@ def dedup_tables(output: str, storage_options: Mapping[str, Any] | None = None) 
     from pipeline.dedup import duplicate_rows
 
     duplicates = duplicate_rows(output, storage_options).select([S.UNIT, S.AESTHETIC_SCORE]).to_pylist()
-    return build_tables(without_duplicates(read_facts(output, storage_options), duplicates))
+    return build_tables(without_duplicates(read_facts(output, storage_options, shards=False), duplicates))
 
 
 def write_cutoffs(output: str, storage_options: Mapping[str, Any] | None = None) -> list[CutoffTable]:
     """Aggregate the committed records and write the cutoff table (JSON and Markdown) under the prefix."""
-    tables = build_tables(read_facts(output, storage_options).values())
+    tables = build_tables(read_facts(output, storage_options, shards=False).values())
     fs, root = filesystem(output, storage_options)
     write_json_atomic(fs, join(root, layout.CUTOFFS_JSON), {"tables": [t.to_json() for t in tables]})
     markdown = "\n".join(t.to_markdown() for t in tables) or "No committed units yet.\n"

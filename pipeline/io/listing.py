@@ -96,7 +96,7 @@ def list_input_entries(inputs: Sequence[str], storage_options: Mapping[str, Any]
     folders: list[FolderListing] = []
     for pattern in inputs:
         fs, path = filesystem(pattern, storage_options)
-        if output is None or any(c in path for c in _GLOB_CHARS) or not fs.isdir(path):
+        if output is None or any(c in path for c in _GLOB_CHARS) or not _is_folder(fs, path):
             listed = list_entries([pattern], storage_options)
         else:
             kept = _read(output, storage_options, pattern)
@@ -137,6 +137,19 @@ def _list_folder(fs: Any, path: str, pattern: str, storage_options: Mapping[str,
     etags = kept.etags[:keep] + [etag for _, _, etag in fresh]
     return FolderListing(pattern, kept.root, uris, sizes, etags, kept.full_listed_at, True, kept.format,
                          f"{keep:,} kept, {len(fresh):,} listed after {posixpath.basename(start) if start else 'the start'}")
+
+
+def _is_folder(fs: Any, path: str) -> bool:
+    """Whether ``path`` holds files. On S3 one request for one key: s3fs's ``isdir`` lists the whole folder,
+    which for LAION's input is hundreds of requests, as long as the full listing this module saves."""
+    if protocol_of(fs) not in ("s3", "s3a"):
+        return fs.isdir(path)
+    bucket, _, key = path.strip("/").partition("/")
+    try:
+        page = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{key}/" if key else "", MaxKeys=1)
+    except (FileNotFoundError, PermissionError):
+        return False  # the full listing says what is wrong, in its own words
+    return bool(page.get("KeyCount"))
 
 
 def _list_after(fs: Any, path: str, start: str | None) -> list[tuple[str, int, str | None]]:

@@ -130,11 +130,14 @@ def read_units(output: str, storage_options: Mapping[str, Any] | None = None) ->
     return {unit: json.loads(text) for unit, text in zip(table["unit"].to_pylist(), table["record"].to_pylist())}
 
 
-def read_facts(output: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+def read_facts(output: str, storage_options: Mapping[str, Any] | None = None,
+               shards: bool = True) -> dict[str, dict[str, Any]]:
     """Every committed unit's facts, by unit id, in the record's shape but without reading the JSON record:
-    model_key, tiny_random, shards_per_unit, rows, counts_by_status, score (scored, counts_ge), shards."""
-    table = read_table(output, storage_options, columns=FACTS)
-    columns = {name: table[name].to_pylist() for name in FACTS}
+    model_key, tiny_random, shards_per_unit, rows, counts_by_status, score (scored, counts_ge), and with
+    ``shards`` the unit's work items (what planning compares; the cutoff table does without them)."""
+    names = FACTS if shards else [name for name in FACTS if name != "shard_versions"]
+    table = read_table(output, storage_options, columns=names)
+    columns = {name: table[name].to_pylist() for name in names}
     facts = {}
     for i, unit in enumerate(columns["unit"]):
         facts[unit] = {
@@ -142,8 +145,9 @@ def read_facts(output: str, storage_options: Mapping[str, Any] | None = None) ->
             "shards_per_unit": columns["shards_per_unit"][i], "rows": columns["rows"][i],
             "counts_by_status": dict(columns["counts_by_status"][i] or []),
             "score": {"scored": columns["scored"][i], "counts_ge": dict(columns["counts_ge"][i] or [])},
-            "shards": columns["shard_versions"][i] or [],
         }
+        if shards:
+            facts[unit]["shards"] = columns["shard_versions"][i] or []
     return facts
 
 
