@@ -67,27 +67,15 @@ def texture_compare(images: int) -> None:
     """Fine-tuning against the frozen-embedding head on a rule the frozen tower cannot see (the test's setup)."""
     from pipeline.config import ModelConfig
     from pipeline.training import finetune as ft
-    from pipeline.training.labels import read_labels
     from pipeline.training.schedule import parse_schedule
     from tests.training import finetune_data
 
     root = Path(tempfile.mkdtemp(prefix="bench-finetune-texture-"))
-    textured = finetune_data.build_texture(root, images, 40)
-    labels = read_labels(textured.csv_path)
     config = ft.FinetuneConfig(model=ModelConfig(name="tiny-random", device="cpu"), batch_size=32, head_lr_scale=1,
                                val_fraction=0.2, test_fraction=0.2)
     schedule = parse_schedule({"stages": [{"optimizer": "adamw", "lr": 1e-3, "epochs": 12, "loss": "mse"}]}, "bench")
-    tuned = ft.finetune([textured.shards_dir], labels, str(root / "out"), config, schedule, cpus_per_worker=1,
-                        cache=True)
-    frozen = finetune_data.frozen_head(labels, config, textured.shards_dir)
-    test = tuned.predictions["test"]
-    difference, low, high = finetune_data.paired_bootstrap(test["keys"], test["predictions"], frozen["test_keys"],
-                                                           frozen["test_predictions"], textured.planted)
-    metrics = tuned.record["metrics"]
-    print(f"null-space texture rule ({images} images, n_test={metrics['test']['n']}): fine-tuned val "
-          f"{metrics['val']['srcc']:.3f} test {metrics['test']['srcc']:.3f}; frozen-embedding head val "
-          f"{frozen['val']:.3f} test {frozen['test']:.3f}; difference {difference:.3f}, paired bootstrap 95% "
-          f"[{low:.3f}, {high:.3f}]")
+    result = finetune_data.compare_on_texture(root, images, 40, config, schedule)
+    print(f"null-space texture rule ({images} images), {result.line()}")
 
 
 def large_step(batch: int) -> None:

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -23,6 +22,7 @@ from pipeline.io.delta import committed_files
 from pipeline.io.units import read_facts, read_units
 from pipeline.runner import run_score
 from pipeline.status import unit_status
+from tests.drivers import kill_when
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -56,30 +56,13 @@ def test_a_driver_killed_mid_run_resumes_and_every_key_lands_once(nine_shards, s
     output = str(tmp_path / "scores")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = _score_command(nine_shards.shards_dir, output, scoring)
-    log = open(tmp_path / "first.log", "wb")
-    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
     log_folder = Path(output) / "_delta_log"  # one commit (file) per unit
 
     def commits() -> int:
         return len(list(log_folder.glob("*.json"))) if log_folder.exists() else 0
 
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and driver.poll() is None and not commits():
-            time.sleep(0.1)
-        committed_at_kill = commits()
-        assert driver.poll() is None, "the run ended before it could be killed: " + (tmp_path / "first.log").read_text()[-2000:]
-        os.kill(driver.pid, signal.SIGKILL)  # the driver only; its Ray is left to notice on its own
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-        time.sleep(1)
-        try:
-            os.killpg(driver.pid, signal.SIGKILL)  # whatever of the local Ray outlived its driver
-        except ProcessLookupError:
-            pass
+    kill_when(command, tmp_path / "first.log", commits)
+    committed_at_kill = commits()
     assert 1 <= committed_at_kill < 9
     print(f"killed the driver with {committed_at_kill} of 9 units committed")
 

@@ -34,6 +34,22 @@ def planted_score(blur: float, brightness: float, darkness_weight: float) -> flo
     return 1 + 9 * ((1 - darkness_weight) * sharpness + darkness_weight * light)
 
 
+def _shards_with_scores(root: Path, photos: list, scores: dict[str, float], images_per_shard: int) -> dict[str, float]:
+    """The photographs served on 127.0.0.1 and made into shards by img2dataset; each downloaded key's planted
+    score (``scores`` is by file name)."""
+    import pyarrow.parquet as pq
+
+    with serve_directory(root / "photos") as base:
+        write_url_list(photos, base, root / "urls.parquet", 0, non_image=False)
+        tars = build_shards(root / "urls.parquet", str(root / "shards"), number_sample_per_shard=images_per_shard)
+    planted = {}
+    for tar in tars:
+        for row in pq.read_table(tar[:-4] + ".parquet").to_pylist():
+            if row["status"] == "success":
+                planted[row["key"]] = scores[row["url"].rsplit("/", 1)[-1]]
+    return planted
+
+
 def build(root: Path, n_images: int, images_per_shard: int, seed: int = 0,
           darkness_weight: float = 0.0) -> PlantedShards:
     rng = np.random.default_rng(seed)
@@ -47,16 +63,7 @@ def build(root: Path, n_images: int, images_per_shard: int, seed: int = 0,
         image = image.filter(ImageFilter.GaussianBlur(radius)).point(lambda v: int(v * brightness))
         image.save(photo.path, quality=95)
         scores[photo.path.name] = planted_score(blur, brightness, darkness_weight)
-    with serve_directory(root / "photos") as base:
-        write_url_list(photos, base, root / "urls.parquet", 0, non_image=False)
-        tars = build_shards(root / "urls.parquet", str(root / "shards"), number_sample_per_shard=images_per_shard)
-    import pyarrow.parquet as pq
-
-    planted = {}
-    for tar in tars:
-        for row in pq.read_table(tar[:-4] + ".parquet").to_pylist():
-            if row["status"] == "success":
-                planted[row["key"]] = scores[row["url"].rsplit("/", 1)[-1]]
+    planted = _shards_with_scores(root, photos, scores, images_per_shard)
     keys = sorted(planted)
     # 50 voters per image, spread around the planted score: AVA's format, whose mean vote is the label.
     votes = np.stack([np.bincount(np.clip(np.rint(rng.normal(planted[k], 1.0, 50)), 1, 10).astype(int) - 1,
@@ -116,16 +123,7 @@ def build_texture(root: Path, n_images: int, images_per_shard: int, seed: int = 
         scores[path.name] = 1 + 9 * (1 - strength)
     photos = [dataclasses.replace(p, path=p.path.with_suffix(".png"), image_format="png", width=SIDE, height=SIDE)
               for p in photos]
-    with serve_directory(root / "photos") as base:
-        write_url_list(photos, base, root / "urls.parquet", 0, non_image=False)
-        tars = build_shards(root / "urls.parquet", str(root / "shards"), number_sample_per_shard=images_per_shard)
-    import pyarrow.parquet as pq
-
-    planted = {}
-    for tar in tars:
-        for row in pq.read_table(tar[:-4] + ".parquet").to_pylist():
-            if row["status"] == "success":
-                planted[row["key"]] = scores[row["url"].rsplit("/", 1)[-1]]
+    planted = _shards_with_scores(root, photos, scores, images_per_shard)
     keys = sorted(planted)
     (root / "labels.csv").write_text("key,score\n" + "".join(f"{k},{planted[k]:.4f}\n" for k in keys))
     return PlantedShards(str(root / "shards"), str(root / "labels.csv"), str(root / "labels.csv"), planted, keys)
@@ -183,3 +181,38 @@ def paired_bootstrap(keys_a, predictions_a, keys_b, predictions_b, planted: dict
         samples.append(spearmanr(a[pick], truth[pick])[0] - spearmanr(b[pick], truth[pick])[0])
     low, high = np.nanpercentile(samples, [2.5, 97.5])
     return float(difference), float(low), float(high)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Fine-tuning against the frozen-embedding head on the same test images."""
+
+    tuned: dict  # the fine-tune's record
+    frozen: dict  # frozen_head's result
+    difference: float  # test SRCC, fine-tuned minus frozen
+    low: float  # the paired bootstrap's 95% interval of the difference
+    high: float
+
+    def line(self) -> str:
+        metrics = self.tuned["metrics"]
+        return (f"n_test={metrics['test']['n']}: fine-tuned val {metrics['val']['srcc']:.3f} test "
+                f"{metrics['test']['srcc']:.3f} (best epoch {self.tuned['best_epoch']}); frozen-embedding head "
+                f"({self.frozen['arch']}, lr {self.frozen['lr']}) val {self.frozen['val']:.3f} test "
+                f"{self.frozen['test']:.3f}; test difference {self.difference:.3f}, paired bootstrap 95% "
+                f"[{self.low:.3f}, {self.high:.3f}]")
+
+
+def compare_on_texture(root: Path, n_images: int, images_per_shard: int, config, schedule) -> Comparison:
+    """:func:`build_texture`, fine-tuned by one Ray Train worker and set against :func:`frozen_head`."""
+    from pipeline.training import finetune as ft
+    from pipeline.training.labels import read_labels
+
+    textured = build_texture(root, n_images, images_per_shard)
+    labels = read_labels(textured.csv_path)
+    tuned = ft.finetune([textured.shards_dir], labels, str(root / "out"), config, schedule, workers=1,
+                        cpus_per_worker=1, cache=True)
+    frozen = frozen_head(labels, config, textured.shards_dir)
+    test = tuned.predictions["test"]
+    difference, low, high = paired_bootstrap(test["keys"], test["predictions"], frozen["test_keys"],
+                                             frozen["test_predictions"], textured.planted)
+    return Comparison(tuned.record, frozen, difference, low, high)

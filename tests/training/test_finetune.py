@@ -10,11 +10,8 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +25,7 @@ from pipeline.training.labels import LabelTable, read_labels
 from pipeline.training.losses import Objective, mixed_loss
 from pipeline.training.schedule import DEFAULT_SCHEDULE, ScheduleError, load_schedule, parse_schedule
 from pipeline.training.splits import TRAIN, split_assignments
+from tests.drivers import REPO, kill_when
 from tests.training import finetune_data
 
 IMAGES, PER_SHARD = 240, 60
@@ -239,23 +237,13 @@ MARGIN = 0.3
 
 
 def test_finetuning_beats_the_frozen_embeddings_head_on_a_rule_beyond_them(tmp_path_factory, ray_local) -> None:
-    root = tmp_path_factory.mktemp("textured")
-    textured = finetune_data.build_texture(root, TEXTURE_IMAGES, PER_SHARD)
-    labels = read_labels(textured.csv_path)
-    tuned = ft.finetune([textured.shards_dir], labels, str(root / "out"), COMPARE, COMPARE_SCHEDULE, workers=1,
-                        cpus_per_worker=1, cache=True)
-    frozen = finetune_data.frozen_head(labels, COMPARE, textured.shards_dir)
-    test = tuned.predictions["test"]
-    difference, low, high = finetune_data.paired_bootstrap(test["keys"], test["predictions"], frozen["test_keys"],
-                                                           frozen["test_predictions"], textured.planted)
-    metrics = tuned.record["metrics"]
-    print(f"\ntexture rule, n_test={metrics['test']['n']}: fine-tuned val {metrics['val']['srcc']:.3f} test "
-          f"{metrics['test']['srcc']:.3f} (best epoch {tuned.record['best_epoch']}); frozen-embedding head "
-          f"({frozen['arch']}, lr {frozen['lr']}) val {frozen['val']:.3f} test {frozen['test']:.3f}; "
-          f"test difference {difference:.3f}, paired bootstrap 95% [{low:.3f}, {high:.3f}]")
-    assert difference == pytest.approx(metrics["test"]["srcc"] - frozen["test"], abs=1e-6)
+    result = finetune_data.compare_on_texture(tmp_path_factory.mktemp("textured"), TEXTURE_IMAGES, PER_SHARD,
+                                              COMPARE, COMPARE_SCHEDULE)
+    print(f"\ntexture rule, {result.line()}")
+    assert result.difference == pytest.approx(result.tuned["metrics"]["test"]["srcc"] - result.frozen["test"],
+                                              abs=1e-6)
     # The margin, and the whole 95% bootstrap interval of it over the test images, clear of zero.
-    assert difference > MARGIN and low > 0.1, (difference, low, high)
+    assert result.difference > MARGIN and result.low > 0.1, result.line()
 
 
 def test_checkpoints_and_the_result_go_to_s3_and_a_rerun_resumes_from_there(planted, s3_server, s3_bucket,
@@ -283,8 +271,6 @@ def test_checkpoints_and_the_result_go_to_s3_and_a_rerun_resumes_from_there(plan
 
 
 # -- a killed driver -----------------------------------------------------------------------------
-REPO = Path(__file__).resolve().parents[2]
-
 
 def test_a_driver_killed_mid_run_is_resumed_by_the_rerun_from_its_last_checkpoint(planted, tmp_path) -> None:
     storage, out = tmp_path / "train-storage", tmp_path / "out"
@@ -293,29 +279,11 @@ def test_a_driver_killed_mid_run_is_resumed_by_the_rerun_from_its_last_checkpoin
     command = [sys.executable, "-m", "pipeline.cli", "finetune", "--input", planted.shards_dir, "--labels",
                planted.csv_path, "--model", "tiny-random", "--out", str(out), "--schedule", str(schedule),
                "--train-storage", str(storage), "--cache", "--val-fraction", "0.2", "--test-fraction", "0.2"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own, killed with it
-    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
-    with open(tmp_path / "first.log", "wb") as log:
-        driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and driver.poll() is None and not list(storage.glob("*/checkpoint_*")):
-            time.sleep(0.1)
-        assert driver.poll() is None, "the run ended before it could be killed: " + \
-            (tmp_path / "first.log").read_text()[-2000:]
-        os.kill(driver.pid, signal.SIGKILL)  # the driver; the rest of its local Ray goes below
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-        time.sleep(1)
-        try:
-            os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_when(command, tmp_path / "first.log", lambda: bool(list(storage.glob("*/checkpoint_*"))),
+              env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"})
     assert not (out / "finetune.json").exists()
 
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     record = json.loads((out / "finetune.json").read_text())
