@@ -50,12 +50,16 @@ def test_a_mapping_builds_nested_config_and_rejects_unknown_keys():
         "model": {"name": "tiny-random", "precision": "fp32"},
         "heads": ["sa_0_4_vit_l_14_linear", {"uri": "/w/my-head.pth", "sha256": "0" * 64}],
         "resources": {"max_actors": 4},
+        "listing": {"mode": "full", "full_every_days": 3},
     })
     assert config.input == ("s3://b/shards/",)
+    assert (config.listing.mode, config.listing.full_every_days) == ("full", 3)
     assert [h.name for h in config.heads] == ["sa_0_4_vit_l_14_linear", "my-head"]
     assert config.heads[0] == KNOWN_HEADS["sa_0_4_vit_l_14_linear"]
     with pytest.raises(ConfigError, match="unknown model setting"):
         config_from_mapping({"input": "i", "output": "o", "model": {"nmae": "x"}})
+    with pytest.raises(ConfigError, match="unknown listing setting"):
+        config_from_mapping({"input": "i", "output": "o", "listing": {"often": 1}})
 
 
 def test_decode_cpus_per_actor_sets_how_many_decode_tasks_feed_the_actor_pool():
