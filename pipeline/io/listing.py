@@ -80,7 +80,12 @@ class InputListing:
         return "; ".join(parts) if parts else "listed in full"
 
     def save(self) -> None:
-        """Keep each folder's listing in the output (call only while holding the output's lease)."""
+        """Keep each folder's listing in the output (call only while holding the output's lease); a format
+        whose names say nothing of order is listed in full every time, so its listing is not kept."""
+        from pipeline.sources import get_source, source_names
+
+        if self.format not in source_names() or not get_source(self.format).names_in_order:
+            return
         for folder in self.folders:
             _write(self.output, self.storage_options, dataclasses.replace(folder, format=self.format))
 

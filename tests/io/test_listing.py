@@ -133,6 +133,7 @@ def test_formats_whose_names_say_nothing_of_order_are_listed_in_full(tmp_path, s
     images, output = tmp_path / "images", str(tmp_path / "out")
     _write(images, *(f"{name}.jpg" for name in ("b", "c", "d", "e")))
     _keep(listing.list_input_entries([str(images)], {}, output), "files")
+    assert not (tmp_path / "out" / listing.FOLDER).exists()  # nothing kept: it would never be used
     _write(images, "a.jpg")
     again = listing.list_input_entries([str(images)], {}, output)
     assert again.folders[0].how == "full" and str(images / "a.jpg") in {e.uri for e in again.entries}
