@@ -33,10 +33,10 @@ from typing import Any, Mapping, Sequence
 from pipeline.config import ListingConfig
 from pipeline.errors import InputError
 from pipeline.io.storage import filesystem, full_uri, join, protocol_of, write_bytes_atomic
+from pipeline.sources.base import _GLOB_CHARS, Entry, list_entries
 
 FOLDER = "_listing"
 OVERLAP = 1000  # kept keys listed again at the end of a kept listing: one page of an S3 listing
-_GLOB_CHARS = set("*?[")
 
 
 @dataclass
@@ -54,9 +54,7 @@ class FolderListing:
     how: str = "full"  # how this listing was made: "full", or "N kept, M listed after <name>"
 
     def entries(self) -> list[Any]:
-        from pipeline.sources.base import Entry
-
-        return [Entry(uri, {"size": size, "etag": etag}, self.root)
+            return [Entry(uri, {"size": size, "etag": etag}, self.root)
                 for uri, size, etag in zip(self.uris, self.sizes, self.etags)]
 
     def resume_point(self) -> str | None:
@@ -93,8 +91,6 @@ class InputListing:
 def list_input_entries(inputs: Sequence[str], storage_options: Mapping[str, Any] | None, output: str | None,
                        config: ListingConfig = ListingConfig(), now: float | None = None) -> InputListing:
     """The entries of every input pattern, each folder listed incrementally where its kept listing allows."""
-    from pipeline.sources.base import list_entries
-
     storage_options = dict(storage_options or {})
     now = time.time() if now is None else now
     found: dict[str, Any] = {}
@@ -116,8 +112,6 @@ def list_input_entries(inputs: Sequence[str], storage_options: Mapping[str, Any]
 def _list_folder(fs: Any, path: str, pattern: str, storage_options: Mapping[str, Any], kept: FolderListing | None,
                  config: ListingConfig, now: float) -> FolderListing:
     from pipeline.sources import get_source, source_names
-    from pipeline.sources.base import list_entries
-
     incremental = (config.mode == "auto" and kept is not None and kept.ordered
                    and kept.format in source_names() and get_source(kept.format).names_in_order
                    and now - kept.full_listed_at < config.full_every_days * 86400)
@@ -159,8 +153,6 @@ def _is_folder(fs: Any, path: str) -> bool:
 
 def _list_after(fs: Any, path: str, start: str | None) -> list[tuple[str, int, str | None]]:
     """(URI, size, ETag) of every file under the folder ``path`` whose URI sorts after ``start``, sorted."""
-    from pipeline.sources.base import Entry
-
     protocol = protocol_of(fs)
     if protocol in ("s3", "s3a"):
         return _s3_list_after(fs, path, start)
@@ -185,8 +177,6 @@ def _list_after(fs: Any, path: str, start: str | None) -> list[tuple[str, int, s
 
 def _s3_list_after(fs: Any, path: str, start: str | None) -> list[tuple[str, int, str | None]]:
     """S3's ListObjectsV2 from ``StartAfter``, paginated: one request per 1,000 new keys."""
-    from pipeline.sources.base import Entry
-
     bucket, _, key = path.strip("/").partition("/")
     prefix = f"{key}/" if key else ""
     protocol = protocol_of(fs)
