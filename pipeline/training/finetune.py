@@ -421,6 +421,18 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _await_reports_taken(timeout_s: float = 60) -> None:
+    """Wait until Ray Train's controller has taken this worker's reports. A report still queued in a worker that
+    dies is lost, and the checkpoint with it (the controller registers one only once every rank's report of it
+    arrived): the injected fault comes after them, so the run resumes from the checkpoint the test expects."""
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    reports = get_train_context().get_result_queue()
+    deadline = time.monotonic() + timeout_s
+    while reports.unfinished_tasks and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def finetune_worker(loop: Mapping[str, Any]) -> None:
     """One Ray Train worker: resume from the latest checkpoint if any, then the schedule's remaining epochs."""
     import ray.train
@@ -480,6 +492,7 @@ def finetune_worker(loop: Mapping[str, Any]) -> None:
                 if (fault and rank == fault.get("rank", 0) and epoch == fault["epoch"] and step == fault["step"]
                         and not os.path.exists(fault["marker"])):
                     open(fault["marker"], "w").close()
+                    _await_reports_taken()
                     os._exit(1)  # a worker dies mid-epoch, as one killed by the OOM killer or a lost node would
                 pixels, scores, votes = _batch_tensors(batch, device, has_votes)
                 images = _augment(module.normalised(pixels), config, generator)
