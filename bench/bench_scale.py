@@ -1,7 +1,8 @@
 """`make bench-scale`: the bookkeeping commands on outputs of 1,000 to 58,000 units, on local disk and on S3.
 
 A real run (img2dataset shards, local Ray, tiny model) gives one unit's files and record. Each output is
-then fabricated from it: 4 numbered shards per unit in an input prefix, the unit's band files copied per
+then fabricated from it: 4 numbered shards per unit in an input prefix, each its tar, Parquet sidecar and stats
+file as img2dataset writes them (tars alone on S3 past ``--s3-sidecars-up-to``), the unit's band files copied per
 unit, the data table committed in batches of units (each carrying its app transactions), the unit table
 written with one row per unit, both checkpointed, as a long history of per-unit commits leaves them, and the
 input's listing kept in the output as the run that scored it keeps it (pipeline.io.listing).
@@ -88,8 +89,14 @@ def _put(fs: Any, items: dict[str, bytes]) -> None:
         fs.pipe({key: items[key] for key in keys[start:start + 5000]})
 
 
+def shard_files(number: int, tars_only: bool = False) -> list[str]:
+    """What img2dataset writes for one shard: the tar, its Parquet sidecar and a stats file."""
+    return [f"{number:06d}.tar"] if tars_only else [f"{number:06d}.tar", f"{number:06d}.parquet",
+                                                     f"{number:06d}_stats.json"]
+
+
 def fabricate(units: int, input_uri: str, output_uri: str, record: dict[str, Any],
-              files: list[tuple[str, str, bytes]], storage_options: dict[str, Any]) -> float:
+              files: list[tuple[str, str, bytes]], storage_options: dict[str, Any], tars_only: bool = False) -> float:
     """An input of ``units`` x 4 shards and an output with every unit committed; seconds it took."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -105,10 +112,10 @@ def fabricate(units: int, input_uri: str, output_uri: str, record: dict[str, Any
 
     started = time.perf_counter()
     fs, in_root = filesystem(input_uri, storage_options)
-    names = [join(in_root, f"{n:06d}.tar") for n in range(units * SHARDS_PER_UNIT)]
+    names = [join(in_root, name) for n in range(units * SHARDS_PER_UNIT) for name in shard_files(n, tars_only)]
     _put(fs, {name: b"" for name in names})
     listed = _kept_listing(fs, input_uri, output_uri, names, storage_options)
-    planned = plan_units(shards_from(listed.entries), SHARDS_PER_UNIT)
+    planned = plan_units(shards_from(listed.listing), SHARDS_PER_UNIT).work_units()
     assert len(planned) == units
 
     out_fs, out_root = filesystem(output_uri, storage_options)
@@ -156,17 +163,21 @@ def _kept_listing(fs: Any, input_uri: str, output_uri: str, names: list[str], st
     its bytes, here of nothing."""
     import hashlib
 
-    from pipeline.io.listing import FolderListing, InputListing, list_input_entries
+    import pyarrow as pa
+
+    from pipeline.io.listing import FILES, FolderListing, InputListing, list_input_entries
     from pipeline.io.storage import full_uri, protocol_of
+    from pipeline.sources import Listing
 
     if protocol_of(fs) in ("file", "local"):
         listed = list_input_entries([input_uri], storage_options, output_uri)
     else:
         uris = sorted(full_uri(fs, name) for name in names)
         empty = hashlib.md5(b"").hexdigest()
-        folder = FolderListing(input_uri, input_uri.rstrip("/"), uris, [0] * len(uris), [empty] * len(uris),
-                               time.time(), True, "webdataset")
-        listed = InputListing(output_uri, storage_options, folder.entries(), [folder])
+        files = pa.table({"uri": uris, "size": pa.repeat(pa.scalar(0, pa.int64()), len(uris)),
+                          "etag": pa.repeat(empty, len(uris))}, schema=FILES)
+        folder = FolderListing(input_uri, input_uri.rstrip("/"), files, time.time(), True, "webdataset")
+        listed = InputListing(output_uri, storage_options, Listing.concat([folder.listed()]), [folder])
     listed.format = "webdataset"
     return listed
 
@@ -224,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, nargs="+", default=[1000, 10000, 58000])
     parser.add_argument("--stores", nargs="+", default=["local", "s3"], choices=("local", "s3"))
+    parser.add_argument("--s3-sidecars-up-to", type=int, default=10000, metavar="UNITS",
+                        help="on S3, larger outputs get tars alone (no sidecar or stats file): moto needs most of an "
+                             "hour per 232,000 objects it stores")
     parser.add_argument("--no-optimize", dest="optimize", action="store_false",
                         help="skip `aesthetics optimize` and the commands timed again after it")
     args = parser.parse_args(argv)
@@ -253,14 +267,16 @@ def main(argv: list[str] | None = None) -> int:
                         _make_bucket(server[1], bucket)
                     input_uri, output_uri = f"s3://scale-{units}-shards/shards", f"s3://scale-{units}-scores/scores"
                     opts = options
-                seconds = fabricate(units, input_uri, output_uri, record, files, opts)
-                print(f"{name}: fabricated in {seconds:.0f} s", flush=True)
+                tars_only = store == "s3" and units > args.s3_sidecars_up_to
+                seconds = fabricate(units, input_uri, output_uri, record, files, opts, tars_only)
+                print(f"{name}: fabricated in {seconds:.0f} s ({'tars only' if tars_only else 'tar, sidecar and stats file'}"
+                      f" per shard)", flush=True)
                 for label, command in commands(input_uri, output_uri, opts, head_args).items():
                     if label == "list the input" and store == "s3" and units > FULL_LISTING_ON_MOTO:
                         print(f"  {label:26s} not timed: moto sorts the whole bucket for every page", flush=True)
                         continue
                     if label == "nightly, 100 new shards":
-                        _add_new_shards(input_uri, units, opts)
+                        _add_new_shards(input_uri, units, opts, tars_only)
                     wall, rss, last = measure(command, env)
                     results.append((store, units, label, wall, rss, last))
                     print(f"  {label:26s} {wall:7.2f} s {rss:8.0f} MiB   {last[:90]}", flush=True)
@@ -327,12 +343,12 @@ def _make_bucket(endpoint: str, bucket: str) -> None:
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
 
 
-def _add_new_shards(input_uri: str, units: int, options: dict[str, Any]) -> None:
+def _add_new_shards(input_uri: str, units: int, options: dict[str, Any], tars_only: bool) -> None:
     from pipeline.io.storage import filesystem, join
 
     fs, root = filesystem(input_uri, options)
     first = units * SHARDS_PER_UNIT
-    _put(fs, {join(root, f"{n:06d}.tar"): b"" for n in range(first, first + NEW_SHARDS)})
+    _put(fs, {join(root, name): b"" for n in range(first, first + NEW_SHARDS) for name in shard_files(n, tars_only)})
 
 
 if __name__ == "__main__":

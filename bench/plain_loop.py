@@ -56,7 +56,7 @@ def run_plain(config: ScoreConfig, embed_loader: Any = None, run_id: str | None 
         timing[name] += time.perf_counter() - t0
         return result
 
-    units = plan_units(list_shards(config.input, config.storage_options), config.shards_per_unit)
+    units = plan_units(list_shards(config.input, config.storage_options), config.shards_per_unit).work_units()
     image_size, interpolation = image_geometry(config.model)
     decode = Decode(config.decode, image_size=image_size, interpolation=interpolation)
     embed = timed("load", lambda: EmbedScore(

@@ -213,7 +213,7 @@ def print_plan(prepared: Any) -> int:
     from pipeline.planning import plan_run
 
     plan = plan_run(prepared.config, prepared.shards)
-    print(f"plan: {len(plan.units)} units of {plan.shards_per_unit} shards; {len(plan.done)} done, "
+    print(f"plan: {len(plan.unit_ids)} units of {plan.shards_per_unit} shards; {len(plan.done)} done, "
           f"{len(plan.pending)} to do ({_count_reasons(plan.reasons) or 'none'}), {len(plan.stale)} stale "
           f"(--rescore redoes them)")
     return ExitCode.OK

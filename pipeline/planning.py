@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.config import ScoreConfig
-from pipeline.io.units import read_facts
+from pipeline.io.units import Committed
 from pipeline.sources import WorkItem, WorkUnit, get_source
 
 log = logging.getLogger(__name__)
@@ -61,7 +65,7 @@ def run_identity(config: ScoreConfig, shards_per_unit: int, requested_precision:
 
 @dataclass
 class Plan:
-    units: list[WorkUnit]
+    unit_ids: list[str]  # every unit of the input, sorted
     shards_per_unit: int
     pending: list[WorkUnit]
     done: list[str]
@@ -69,49 +73,88 @@ class Plan:
     reasons: dict[str, str]  # why each pending unit is pending
 
 
-def committed_shards_per_unit(records: Mapping[str, Mapping[str, Any]]) -> int | None:
-    """The unit size a prefix was first scored with: it fixes unit membership for good."""
-    sizes = {m["shards_per_unit"] for m in records.values() if "shards_per_unit" in m}
-    if len(sizes) > 1:
-        raise RuntimeError(f"records disagree on shards_per_unit ({sorted(sizes)}): the prefix is inconsistent")
-    return sizes.pop() if sizes else None
+def _array(values: Any) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
-def pending_reason(unit: WorkUnit, record: Mapping[str, Any] | None, key: str | None) -> str | None:
-    """Why ``unit`` needs scoring (None: its record is current). A reason starting with STALE needs
-    --rescore; ``key=None`` accepts any model."""
-    if record is None:
-        return "new"
-    if not unit.matches(record["shards"]):
-        return "shards added or changed"
-    if key is not None and record.get("model_key") != key:
-        return f"{STALE}: {record.get('model_key')}"
-    return None
+def _grouped(codes: np.ndarray, names: pa.Array) -> np.ndarray:
+    """Row order that groups rows by unit code, each unit's rows in name order."""
+    order = np.argsort(codes, kind="stable")
+    if len(order) > 1:
+        grouped, ordered = codes[order], names.take(order)
+        later = pc.greater(ordered.slice(1), ordered.slice(0, len(order) - 1)).to_numpy(zero_copy_only=False)
+        if not np.all(later | (grouped[1:] != grouped[:-1])):  # some unit's rows are not in name order
+            return pc.sort_indices(pa.table({"code": codes, "name": names}),
+                                   sort_keys=[("code", "ascending"), ("name", "ascending")]).to_numpy()
+    return order
 
 
-def plan_run(config: ScoreConfig, shards: Sequence[WorkItem],
-             records: Mapping[str, Mapping[str, Any]] | None = None) -> Plan:
-    """Units of the work items ``shards`` against what ``config.output`` has committed, for a pinned
-    ``config`` (its input format resolved)."""
-    if records is None:
-        records = read_facts(config.output, config.storage_options)
+def _same_items(planned: pa.Table, pcodes: np.ndarray, stored: pa.Table, scodes: np.ndarray, units: int) -> np.ndarray:
+    """Per unit code: whether its stored items are exactly its planned ones (names, sizes, ETags; a missing size
+    or ETag equal to a missing one). Both sides are grouped by unit, in name order, and matched row for row."""
+    listed, kept = np.bincount(pcodes, minlength=units), np.bincount(scodes, minlength=units)
+    porder, sorder = _grouped(pcodes, _array(planned["name"])), _grouped(scodes, _array(stored["name"]))
+    pstart, sstart = np.r_[0, np.cumsum(listed)[:-1]], np.r_[0, np.cumsum(kept)[:-1]]
+    code = pcodes[porder]
+    comparable = (listed == kept)[code]
+    offset = np.arange(len(porder)) - pstart[code]
+    mine, theirs = porder[comparable], sorder[(sstart[code] + offset)[comparable]]
+    equal = np.ones(len(mine), dtype=bool)
+    for column, missing in (("name", None), ("size", -1), ("etag", "\0")):
+        a, b = _array(planned[column]).take(mine), _array(stored[column]).take(theirs)
+        if missing is not None:
+            a, b = pc.fill_null(a, missing), pc.fill_null(b, missing)
+        equal &= pc.equal(a, b).to_numpy(zero_copy_only=False)
+    differing = np.bincount(code[comparable], weights=~equal, minlength=units) > 0
+    return (listed == kept) & ~differing
+
+
+def unit_verdicts(planned: pa.Table, committed: Committed, key: str | None) -> pa.Table:
+    """Why each planned unit needs scoring: one row per unit of ``planned`` (one row per work item, with
+    ``unit``, ``name``, ``size``, ``etag``), sorted, with ``reason`` null where the committed row is current:
+    it lists exactly the unit's items at their versions and, unless ``key`` is None, was scored by that model.
+    A reason starting with STALE needs --rescore.
+
+    LAION is 232,000 shards in 58,000 units: the comparison is vectorised over Arrow columns, with no Python
+    per unit and no hashing of names."""
+    stored = committed.items()
+    encoded = pc.dictionary_encode(_array(planned["unit"]))
+    units, pcodes = encoded.dictionary, encoded.indices.to_numpy()
+    scodes = pc.index_in(_array(stored["unit"]), value_set=units)
+    listed_units = pc.is_valid(scodes)
+    stored = stored.filter(listed_units)
+    same = _same_items(planned, pcodes, stored, scodes.filter(listed_units).to_numpy(), len(units))
+    row = pc.index_in(units, value_set=_array(committed.table["unit"]))
+    model = pc.fill_null(committed.table["model_key"].take(row), "None")
+    other_model = np.zeros(len(units), dtype=bool) if key is None else pc.not_equal(model, key).to_numpy(
+        zero_copy_only=False)
+    reason = pc.case_when(
+        pc.make_struct(pc.is_null(row), pa.array(~same), pa.array(other_model)),
+        "new", "shards added or changed", pc.binary_join_element_wise(f"{STALE}: ", model, ""))
+    return pa.table({"unit": units, "reason": reason}).sort_by("unit")
+
+
+def plan_run(config: ScoreConfig, items: Sequence[WorkItem], committed: Committed | None = None) -> Plan:
+    """Units of the work ``items`` against what ``config.output`` has committed, for a pinned ``config`` (its
+    input format resolved)."""
+    if committed is None:
+        committed = Committed.read(config.output, config.storage_options)
     source = get_source(config.source.format)
     wanted = source.per_unit(config)
-    shards_per_unit = committed_shards_per_unit(records) or wanted
+    shards_per_unit = committed.shards_per_unit() or wanted
     if shards_per_unit != wanted:
         # Regrouping would give committed items new unit ids, and their rows would exist twice.
         log.warning("output %s was scored with %d work items per unit; keeping that (not %d)",
                     config.output, shards_per_unit, wanted)
-    units = source.plan_units(shards, shards_per_unit, records)
-    key = model_key(config)
-    plan = Plan(units, shards_per_unit, [], [], [], {})
-    for unit in units:
-        why = pending_reason(unit, records.get(unit.unit_id), key)
+    planned = source.plan_units(items, shards_per_unit, committed)
+    verdicts = unit_verdicts(planned.table, committed, model_key(config))
+    plan = Plan(verdicts["unit"].to_pylist(), shards_per_unit, [], [], [], {})
+    for unit, why in zip(plan.unit_ids, verdicts["reason"].to_pylist()):
         if why is None:
-            plan.done.append(unit.unit_id)
+            plan.done.append(unit)
         elif why.startswith(STALE) and not config.rescore:
-            plan.stale.append(unit.unit_id)
+            plan.stale.append(unit)
         else:
-            plan.pending.append(unit)
-            plan.reasons[unit.unit_id] = why
+            plan.reasons[unit] = why
+    plan.pending = planned.work_units(plan.reasons)
     return plan

@@ -35,7 +35,7 @@ class PreparedRun:
 
     config: ScoreConfig  # weights pinned by sha256; model.device and model.precision as the actors run them
     requested_precision: str
-    shards: tuple[WorkItem, ...]  # img2dataset shards, image files, ...: whatever config.source.format reads
+    shards: Sequence[WorkItem]  # img2dataset shards, image files, ...: whatever config.source.format reads
     exclusions: Exclusions | None = None  # the --exclude-hashes list, loaded (its sha256 pinned in config)
     listing: InputListing | None = None  # how the input was listed; a run keeps it for the next one
 
@@ -48,9 +48,8 @@ def prepare_run(config: ScoreConfig, check_clip_weights: bool = True) -> Prepare
         check_reachable(uri, config.storage_options)
     check_output_location(config.output, config.input, config.storage_options)
     listing = list_input_entries(config.input, config.storage_options, config.output, config.listing)
-    source, items = list_input(config.input, config.storage_options, config.source, listing.entries)
+    source, items = list_input(config.input, config.storage_options, config.source, listing.listing)
     listing.format = source.name
-    shards = tuple(items)
     config = config.replace(source=config.source.resolved(source.name))
     model = pin_model(config, check_clip_weights)
     heads = pin_heads(config, model)
@@ -61,7 +60,7 @@ def prepare_run(config: ScoreConfig, check_clip_weights: bool = True) -> Prepare
             raise InputError(f"--exclude-hashes {config.exclude_hashes} has sha256 {exclusions.sha256}, not the "
                              f"pinned {config.exclude_hashes_sha256}")
         config = config.replace(exclude_hashes_sha256=exclusions.sha256)
-    return PreparedRun(config.replace(model=model, heads=heads), config.model.precision, shards, exclusions, listing)
+    return PreparedRun(config.replace(model=model, heads=heads), config.model.precision, items, exclusions, listing)
 
 
 # The output --------------------------------------------------------------------------------------

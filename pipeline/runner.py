@@ -168,7 +168,7 @@ def run_prepared(prepared: PreparedRun, run_id: str | None = None, embed_loader:
         identity = run_identity(config, plan.shards_per_unit, prepared.requested_precision)
         summary = RunSummary(run_id=run_id, output=config.output, input=list(config.input),
                              shards_per_unit=plan.shards_per_unit,
-                             model_key=model_key(config), units_total=len(plan.units),
+                             model_key=model_key(config), units_total=len(plan.unit_ids),
                              units_done_before=len(plan.done), units_stale=plan.stale,
                              pending_reasons=plan.reasons, tiny_random=config.model.is_tiny_random,
                              source=describe(config.source))

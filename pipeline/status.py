@@ -10,12 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import pyarrow.compute as pc
+
 from pipeline.config import InputConfig, ListingConfig
 from pipeline.io import layout
 from pipeline.io.listing import list_input_entries
 from pipeline.io.storage import filesystem, join, read_json
-from pipeline.io.units import read_facts
-from pipeline.planning import STALE, committed_shards_per_unit, pending_reason
+from pipeline.io.units import Committed
+from pipeline.planning import STALE, unit_verdicts
 from pipeline.sources import list_input
 
 
@@ -63,13 +65,14 @@ def unit_status(output: str, inputs: Sequence[str] | None = None, model_key: str
                 listing: ListingConfig = ListingConfig()) -> StatusReport:
     """What is done, pending and failed. The input is listed from where the output's kept listing ended, when
     that listing allows it (pipeline.io.listing); status never writes the kept listing."""
-    records = read_facts(output, storage_options)
+    committed = Committed.read(output, storage_options)
     runs = read_run_summaries(output, storage_options)
     report = StatusReport(output=output, last_run=runs[-1] if runs else None)
-    for record in records.values():
-        key = record["model_key"]
-        report.committed_by_model[key] = report.committed_by_model.get(key, 0) + 1
-        report.rows_by_model[key] = report.rows_by_model.get(key, 0) + record["rows"]
+    by_model = committed.table.group_by("model_key").aggregate([([], "count_all"), ("rows", "sum")])
+    for key, units, rows in zip(by_model["model_key"].to_pylist(), by_model["count_all"].to_pylist(),
+                                by_model["rows_sum"].to_pylist()):
+        report.committed_by_model[key] = units
+        report.rows_by_model[key] = rows or 0
     for run in runs:  # later runs overwrite earlier verdicts
         for unit, why in run.get("units_failed", {}).items():
             report.failed[unit] = f"{why} (run {run['run_id']})"
@@ -78,14 +81,14 @@ def unit_status(output: str, inputs: Sequence[str] | None = None, model_key: str
     report.input = list(inputs or (runs[-1].get("input", []) if runs else []))
     key = model_key or (runs[-1].get("model_key") if runs else None)
     if report.input:
-        per_unit = (shards_per_unit or committed_shards_per_unit(records)
+        per_unit = (shards_per_unit or committed.shards_per_unit()
                     or (runs[-1].get("shards_per_unit") if runs else None) or 4)
         input_config = InputConfig(**((runs[-1].get("source") if runs else None) or {}))
         listed = list_input_entries(report.input, storage_options, output, listing)
         report.listed = listed.describe()
-        source, items = list_input(report.input, storage_options, input_config, listed.entries)
-        for unit in source.plan_units(items, per_unit, records):
-            why = pending_reason(unit, records.get(unit.unit_id), key)
-            if why is not None:
-                report.pending[unit.unit_id] = why + (" (needs --rescore)" if why.startswith(STALE) else "")
+        source, items = list_input(report.input, storage_options, input_config, listed.listing)
+        verdicts = unit_verdicts(source.plan_units(items, per_unit, committed).table, committed, key)
+        verdicts = verdicts.filter(pc.is_valid(verdicts["reason"]))
+        for unit, why in zip(verdicts["unit"].to_pylist(), verdicts["reason"].to_pylist()):
+            report.pending[unit] = why + (" (needs --rescore)" if why.startswith(STALE) else "")
     return report

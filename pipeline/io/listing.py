@@ -30,13 +30,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pipeline.config import ListingConfig
 from pipeline.errors import InputError
 from pipeline.io.storage import filesystem, full_uri, join, protocol_of, write_bytes_atomic
-from pipeline.sources.base import _GLOB_CHARS, Entry, list_entries
+from pipeline.sources.base import _GLOB_CHARS, Entry, Listing, list_entries
 
 FOLDER = "_listing"
 OVERLAP = 1000  # kept keys listed again at the end of a kept listing: one page of an S3 listing
+
+
+FILES = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string())])  # a kept listing's columns
 
 
 @dataclass
@@ -45,32 +51,39 @@ class FolderListing:
 
     pattern: str
     root: str  # the folder's URI, as list_entries names it
-    uris: list[str]  # sorted
-    sizes: list[int]
-    etags: list[str | None]
+    files: pa.Table  # FILES, sorted by URI
     full_listed_at: float  # unix seconds of the last full listing
     ordered: bool  # every full listing so far found its new files where an incremental one looks
     format: str = ""  # the input format the run read it as (its names_in_order allows an incremental listing)
     how: str = "full"  # how this listing was made: "full", or "N kept, M listed after <name>"
 
-    def entries(self) -> list[Any]:
-            return [Entry(uri, {"size": size, "etag": etag}, self.root)
-                for uri, size, etag in zip(self.uris, self.sizes, self.etags)]
+    def listed(self) -> pa.Table:
+        """The files as a :class:`Listing`'s table: each with this folder as its root."""
+        return self.files.append_column("root", pa.repeat(pa.scalar(self.root, pa.string()), self.files.num_rows))
 
     def resume_point(self) -> str | None:
         """The URI an incremental listing starts after (None: from the start)."""
-        return self.uris[-OVERLAP - 1] if len(self.uris) > OVERLAP else None
+        uris = self.files["uri"]
+        return uris[len(uris) - OVERLAP - 1].as_py() if len(uris) > OVERLAP else None
+
+
+def _files(found: Sequence[tuple[str, int, str | None]]) -> pa.Table:
+    return pa.table([pa.array([f[i] for f in found], kind) for i, kind in enumerate(FILES.types)], schema=FILES)
 
 
 @dataclass
 class InputListing:
-    """Every input pattern's entries, and what to keep of them for the next run."""
+    """Every input pattern's files, and what to keep of them for the next run."""
 
     output: str
     storage_options: Mapping[str, Any]
-    entries: list[Any]  # pipeline.sources.base.Entry, sorted by URI
+    listing: Listing  # every file, sorted by URI
     folders: list[FolderListing] = field(default_factory=list)
     format: str = ""  # the format the entries were resolved as, once known (kept with the listing)
+
+    @property
+    def entries(self) -> list[Entry]:
+        return self.listing.entries
 
     def describe(self) -> str:
         """One line: how each folder was listed."""
@@ -90,23 +103,21 @@ class InputListing:
 
 def list_input_entries(inputs: Sequence[str], storage_options: Mapping[str, Any] | None, output: str | None,
                        config: ListingConfig = ListingConfig(), now: float | None = None) -> InputListing:
-    """The entries of every input pattern, each folder listed incrementally where its kept listing allows."""
+    """The files of every input pattern, each folder listed incrementally where its kept listing allows."""
     storage_options = dict(storage_options or {})
     now = time.time() if now is None else now
-    found: dict[str, Any] = {}
+    tables: list[pa.Table] = []
     folders: list[FolderListing] = []
     for pattern in inputs:
         fs, path = filesystem(pattern, storage_options)
         if output is None or any(c in path for c in _GLOB_CHARS) or not _is_folder(fs, path):
-            listed = list_entries([pattern], storage_options)
+            tables.append(Listing.of(list_entries([pattern], storage_options)).table)
         else:
             kept = _read(output, storage_options, pattern)
             folder = _list_folder(fs, path, pattern, storage_options, kept, config, now)
             folders.append(folder)
-            listed = folder.entries()
-        for entry in listed:
-            found.setdefault(entry.uri, entry)
-    return InputListing(output or "", storage_options, [found[uri] for uri in sorted(found)], folders)
+            tables.append(folder.listed())
+    return InputListing(output or "", storage_options, Listing.concat(tables), folders)
 
 
 def _list_folder(fs: Any, path: str, pattern: str, storage_options: Mapping[str, Any], kept: FolderListing | None,
@@ -121,20 +132,18 @@ def _list_folder(fs: Any, path: str, pattern: str, storage_options: Mapping[str,
         ordered = True
         if kept is not None:
             start = kept.resume_point()
-            known = set(kept.uris)
+            known = set(kept.files["uri"].to_pylist())
             ordered = kept.ordered and (start is None or all(e.uri > start for e in entries if e.uri not in known))
-        return FolderListing(pattern, root, [e.uri for e in entries], [e.size for e in entries],
-                             [e.etag for e in entries], now, ordered, kept.format if kept else "", "full")
+        return FolderListing(pattern, root, _files([(e.uri, e.size, e.etag) for e in entries]), now, ordered,
+                             kept.format if kept else "", "full")
     start = kept.resume_point()
     try:
         fresh = _list_after(fs, path, start)
     except PermissionError as error:
         raise InputError(f"cannot list the input {pattern!r}: permission denied ({error})") from error
-    keep = len(kept.uris) - OVERLAP if start is not None else 0  # the kept files up to and with ``start``
-    uris = kept.uris[:keep] + [uri for uri, _, _ in fresh]
-    sizes = kept.sizes[:keep] + [size for _, size, _ in fresh]
-    etags = kept.etags[:keep] + [etag for _, _, etag in fresh]
-    return FolderListing(pattern, kept.root, uris, sizes, etags, kept.full_listed_at, True, kept.format,
+    keep = kept.files.num_rows - OVERLAP if start is not None else 0  # the kept files up to and with ``start``
+    files = pa.concat_tables([kept.files.slice(0, keep), _files(fresh)])
+    return FolderListing(pattern, kept.root, files, kept.full_listed_at, True, kept.format,
                          f"{keep:,} kept, {len(fresh):,} listed after {posixpath.basename(start) if start else 'the start'}")
 
 
@@ -205,8 +214,6 @@ def _path(output: str, pattern: str) -> str:
 
 
 def _read(output: str, storage_options: Mapping[str, Any], pattern: str) -> FolderListing | None:
-    import pyarrow.parquet as pq
-
     fs, root = filesystem(output, storage_options)
     path = _path(root, pattern)
     try:
@@ -217,21 +224,15 @@ def _read(output: str, storage_options: Mapping[str, Any], pattern: str) -> Fold
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     if meta.get("pattern") != pattern.rstrip("/"):
         return None  # a digest collision, or a file from elsewhere: list in full
-    columns = table.to_pydict()
-    return FolderListing(pattern, meta["root"], columns["uri"], columns["size"], columns["etag"],
+    return FolderListing(pattern, meta["root"], table.select(FILES.names).cast(FILES).combine_chunks(),
                          float(meta["full_listed_at"]), meta["ordered"] == "true", meta.get("format", ""), "kept")
 
 
 def _write(output: str, storage_options: Mapping[str, Any], folder: FolderListing) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({"uri": pa.array(folder.uris, pa.string()), "size": pa.array(folder.sizes, pa.int64()),
-                      "etag": pa.array(folder.etags, pa.string())})
-    table = table.replace_schema_metadata({"pattern": folder.pattern.rstrip("/"), "root": folder.root,
-                                           "full_listed_at": repr(folder.full_listed_at),
-                                           "ordered": "true" if folder.ordered else "false",
-                                           "format": folder.format})
+    table = folder.files.replace_schema_metadata({"pattern": folder.pattern.rstrip("/"), "root": folder.root,
+                                                  "full_listed_at": repr(folder.full_listed_at),
+                                                  "ordered": "true" if folder.ordered else "false",
+                                                  "format": folder.format})
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     fs, root = filesystem(output, storage_options)

@@ -11,15 +11,20 @@ from __future__ import annotations
 import functools
 import posixpath
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence, overload
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.errors import InputError
-from pipeline.sources.base import Entry, WorkUnit, folder_label, list_entries
+from pipeline.sources.base import Listing, UnitPlan, WorkUnit, folder_label, list_entries
 
-__all__ = ["InputError", "Shard", "WorkUnit", "list_shards", "plan_units", "shards_from"]
+__all__ = ["InputError", "Shard", "ShardTable", "WorkUnit", "list_shards", "plan_units", "shards_from"]
 
 TAR_SUFFIX = ".tar"
 SIDECAR_SUFFIX = ".parquet"
+SHARD_COLUMNS = ("name", "tar", "sidecar", "size", "etag")  # a Shard's fields, in order
 
 
 @dataclass(frozen=True)
@@ -49,62 +54,132 @@ class Shard:
         return {"name": self.name, "tar": self.tar, "sidecar": self.sidecar}
 
 
-def shards_from(entries: Iterable[Entry]) -> list[Shard]:
+class ShardTable(Sequence[Shard]):
+    """The shards of a listing as one Arrow table (``name``, ``tar``, ``sidecar``, ``size``, ``etag``), sorted
+    by name; a :class:`Shard` is made only for the shards asked for. LAION's input is 232,000 shards, and a
+    nightly run scores a few of them."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+
+    @classmethod
+    def of(cls, shards: Iterable[Shard]) -> ShardTable:
+        rows = [shard.version() for shard in shards]
+        return cls(pa.table({name: pa.array([row[name] for row in rows], kind) for name, kind in
+                             zip(SHARD_COLUMNS, (pa.string(), pa.string(), pa.string(), pa.int64(), pa.string()))}))
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @overload
+    def __getitem__(self, index: int) -> Shard: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Shard]: ...
+
+    def __getitem__(self, index: int | slice) -> Shard | list[Shard]:
+        if isinstance(index, slice):
+            return _shards(self.table.take(list(range(self.table.num_rows)[index])))
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return _shards(self.table.slice(index % len(self), 1))[0]
+
+    def __iter__(self) -> Iterator[Shard]:
+        return iter(_shards(self.table))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ShardTable) and self.table.equals(other.table)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _shards(rows: pa.Table) -> list[Shard]:
+    columns = rows.select(list(SHARD_COLUMNS)).to_pydict()
+    return [Shard(*values) for values in zip(*(columns[name] for name in SHARD_COLUMNS))]
+
+
+def _array(values: Any) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def _basename(uris: Any) -> Any:
+    return pc.replace_substring_regex(uris, r"^.*/", "")
+
+
+def _dirname(uris: Any) -> Any:
+    """posixpath.dirname of URIs (each has a slash)."""
+    return pc.replace_substring_regex(uris, r"/+[^/]*$", "")
+
+
+def shards_from(listing: Listing) -> ShardTable:
     """The shards of a listing, sorted by name: tars paired with the sidecars beside them."""
-    tars: dict[str, Entry] = {}
-    sidecars: dict[str, str] = {}
-    for entry in entries:
-        if entry.uri.endswith(TAR_SUFFIX):
-            tars[entry.uri[: -len(TAR_SUFFIX)]] = entry
-        elif entry.uri.endswith(SIDECAR_SUFFIX):
-            sidecars[entry.uri[: -len(SIDECAR_SUFFIX)]] = entry.uri
-    shards = []
-    for base in sorted(set(tars) | set(sidecars)):
-        tar = tars.get(base)
-        sidecar = sidecars.get(base)
-        if tar is None and not posixpath.basename(base).isdigit():
-            continue  # a Parquet file that is no img2dataset sidecar (stats, other tables)
-        shards.append(Shard(
-            name=tar.uri if tar else sidecar,
-            tar=tar.uri if tar else None,
-            sidecar=sidecar,
-            size=tar.size if tar else 0,
-            etag=tar.etag if tar else None,
-        ))
-    return shards
+    files = listing.table
+    tars = files.filter(pc.ends_with(files["uri"], TAR_SUFFIX))
+    sidecars = files.filter(pc.ends_with(files["uri"], SIDECAR_SUFFIX))["uri"]
+    tar_bases = pc.utf8_slice_codeunits(tars["uri"], 0, -len(TAR_SUFFIX))
+    sidecar_bases = pc.utf8_slice_codeunits(sidecars, 0, -len(SIDECAR_SUFFIX))
+    with_tars = pa.table({"name": tars["uri"], "tar": tars["uri"],
+                          "sidecar": _array(sidecars).take(pc.index_in(tar_bases, value_set=_array(sidecar_bases))),
+                          "size": tars["size"], "etag": tars["etag"]})
+    # A sidecar without its tar is a shard whose downloads all failed, or whose tar is yet to come; a Parquet
+    # file beside no tar whose name is not a number is no img2dataset sidecar (stats, other tables).
+    alone = pc.invert(pc.is_in(sidecar_bases, value_set=_array(tar_bases)))
+    lonely = sidecars.filter(alone).filter(pc.ascii_is_decimal(_basename(sidecar_bases.filter(alone))))
+    if not len(lonely):
+        return ShardTable(with_tars)  # in the listing's order: sorted by name
+    without = pa.table({"name": lonely, "tar": pa.nulls(len(lonely), pa.string()), "sidecar": lonely,
+                        "size": pa.repeat(pa.scalar(0, pa.int64()), len(lonely)),
+                        "etag": pa.nulls(len(lonely), pa.string())})
+    return ShardTable(pa.concat_tables([with_tars, without]).sort_by("name"))
 
 
-def list_shards(inputs: Iterable[str], storage_options: Mapping[str, Any] | None = None) -> list[Shard]:
+def list_shards(inputs: Iterable[str], storage_options: Mapping[str, Any] | None = None) -> ShardTable:
     """Every shard named by the inputs (folders, globs or single files), sorted by name."""
     inputs = list(inputs)
-    shards = shards_from(list_entries(inputs, storage_options))
-    if not shards:
+    shards = shards_from(Listing.of(list_entries(inputs, storage_options)))
+    if not len(shards):
         raise InputError(f"no .tar shards (or img2dataset .parquet sidecars) under {', '.join(inputs)}; "
                          f"give a folder, a glob or .tar files of img2dataset shards")
     return shards
 
 
-def plan_units(shards: Iterable[Shard], shards_per_unit: int) -> list[WorkUnit]:
+_LONGEST_NUMBER = 18  # digits of a shard number that fit an int64 (img2dataset's have 5 or more)
+
+
+def plan_units(shards: Iterable[Shard], shards_per_unit: int) -> UnitPlan:
     """Group shards into units that do not depend on which shards are already done.
 
     Numbered shards (img2dataset's 00000.tar) go by number // shards_per_unit, so a shard that
-    arrives later joins the same unit on every run; other names go by sorted position.
+    arrives later joins the same unit on every run; other names (and numbers too long to be img2dataset's) go
+    by sorted position among their folder's other names.
     """
-    by_folder: dict[str, list[Shard]] = {}
-    for shard in shards:
-        by_folder.setdefault(shard.folder, []).append(shard)
-    units = []
-    for folder, members in sorted(by_folder.items()):
-        prefix = folder_label(folder)
-        groups: dict[str, list[Shard]] = {}
-        named = sorted((s.name for s in members if not s.stem.isdigit()))
-        position = {name: i for i, name in enumerate(named)}
-        for shard in members:
-            if shard.stem.isdigit():
-                index = f"{int(shard.stem) // shards_per_unit:06d}"
-            else:
-                index = f"n{position[shard.name] // shards_per_unit:06d}"
-            groups.setdefault(index, []).append(shard)
-        for index, group in sorted(groups.items()):
-            units.append(WorkUnit(f"{prefix}-{index}", tuple(sorted(group, key=lambda s: s.name))))
-    return units
+    table = (shards if isinstance(shards, ShardTable) else ShardTable.of(shards)).table
+    folder = _dirname(table["name"])
+    stem = pc.replace_substring_regex(_basename(table["name"]), r"\.[^.]*$", "")
+    numbered = pc.and_(pc.ascii_is_decimal(stem),
+                       pc.less_equal(pc.utf8_length(pc.utf8_ltrim(stem, "0")), _LONGEST_NUMBER))
+    group = np.zeros(table.num_rows, dtype=np.int64)
+    if pc.any(numbered).as_py():
+        group[numbered.to_numpy()] = pc.cast(stem.filter(numbered), pa.int64()).to_numpy() // shards_per_unit
+    numbered = numbered.to_numpy()
+    named = np.flatnonzero(~numbered)
+    if len(named):
+        order = pc.sort_indices(pa.table({"folder": folder.take(named), "name": table["name"].take(named)}),
+                                sort_keys=[("folder", "ascending"), ("name", "ascending")]).to_numpy()
+        folders = folder.take(named).take(order).to_numpy(zero_copy_only=False)
+        starts = np.r_[True, folders[1:] != folders[:-1]]
+        position = np.arange(len(order)) - np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
+        group[named[order]] = position // shards_per_unit
+    index = pc.utf8_lpad(pc.cast(pa.array(group), pa.string()), 6, "0")
+    index = pc.if_else(pa.array(numbered), index, pc.binary_join_element_wise("n", index, ""))
+    folders = pc.dictionary_encode(_array(folder))
+    labels = pa.array([folder_label(f) for f in folders.dictionary.to_pylist()], pa.string()).take(folders.indices)
+    unit = pc.binary_join_element_wise(labels, index, "-")
+    return UnitPlan(table.append_column("unit", unit).select(["unit", *SHARD_COLUMNS]), _work_units)
+
+
+def _work_units(rows: pa.Table) -> list[WorkUnit]:
+    members: dict[str, list[Shard]] = {}
+    for unit, shard in zip(rows["unit"].to_pylist(), _shards(rows)):
+        members.setdefault(unit, []).append(shard)
+    return [WorkUnit(unit, tuple(shards)) for unit, shards in members.items()]

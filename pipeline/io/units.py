@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -59,7 +60,8 @@ SCHEMA = pa.schema([
     pa.field("record", pa.string(), nullable=False),
 ])
 
-# The columns planning, status and the cutoff table read: everything but the JSON record.
+# The columns planning and status read, and those the cutoff table reads: not the JSON record.
+PLANNING = ["unit", "model_key", "shards_per_unit", "rows", "shard_versions"]
 FACTS = ["unit", "model_key", "tiny_random", "shards_per_unit", "rows", "scored", "counts_by_status", "counts_ge",
          "shard_versions"]
 
@@ -149,6 +151,48 @@ def read_facts(output: str, storage_options: Mapping[str, Any] | None = None,
         if shards:
             facts[unit]["shards"] = columns["shard_versions"][i] or []
     return facts
+
+
+@dataclass(frozen=True)
+class Committed:
+    """Every committed unit's current facts that planning reads, as Arrow: ``unit``, ``model_key``,
+    ``shards_per_unit``, ``rows`` and ``shard_versions`` (each work item's name, size and ETag). LAION is 58,000
+    units of 4 shards: planning joins these columns with the listing instead of making a record per unit."""
+
+    table: pa.Table
+
+    @classmethod
+    def read(cls, output: str, storage_options: Mapping[str, Any] | None = None) -> Committed:
+        return cls(read_table(output, storage_options, columns=PLANNING))
+
+    @classmethod
+    def of_records(cls, records: Mapping[str, Mapping[str, Any]]) -> Committed:
+        """Unit records by unit id, as the unit table would hold them."""
+        rows = [to_row({**record, "unit": unit}, 1, 0) for unit, record in records.items()]
+        return cls(pa.Table.from_pylist(rows, schema=SCHEMA).select(PLANNING))
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def items(self) -> pa.Table:
+        """One row per committed work item: ``unit``, ``name``, ``size``, ``etag``."""
+        versions = self.table["shard_versions"].combine_chunks()
+        flat = pc.list_flatten(versions)
+        return pa.table({"unit": self.table["unit"].combine_chunks().take(pc.list_parent_indices(versions)),
+                         "name": flat.field("name"), "size": flat.field("size"), "etag": flat.field("etag")})
+
+    def unit_of_item(self) -> dict[str, str]:
+        """Committed work item name -> its unit."""
+        items = self.items()
+        return dict(zip(items["name"].to_pylist(), items["unit"].to_pylist()))
+
+    def shards_per_unit(self) -> int | None:
+        """The unit size the output was first scored with (it fixes unit membership for good); None: no unit."""
+        sizes = pc.unique(self.table["shards_per_unit"].drop_null()).to_pylist()
+        if len(sizes) > 1:
+            raise RuntimeError(f"unit records disagree on shards_per_unit ({sorted(sizes)}): the output is "
+                               f"inconsistent")
+        return sizes[0] if sizes else None
 
 
 def versions(output: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, tuple[int, int]]:

@@ -13,10 +13,10 @@ import pkgutil
 from typing import Any, Mapping, Sequence
 
 from pipeline.errors import InputError
-from pipeline.sources.base import Source, StorageError, WorkItem, WorkUnit, list_entries
+from pipeline.sources.base import Listing, Source, StorageError, UnitPlan, WorkItem, WorkUnit, list_entries
 
-__all__ = ["Source", "StorageError", "WorkItem", "WorkUnit", "describe", "get_source", "list_input", "list_items",
-           "resolve_format", "source_for_row", "source_names"]
+__all__ = ["Listing", "Source", "StorageError", "UnitPlan", "WorkItem", "WorkUnit", "describe", "get_source",
+           "list_input", "list_items", "resolve_format", "source_for_row", "source_names"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,11 +38,11 @@ def get_source(name: str) -> Source:
     return _registry()["webdataset" if name == "auto" else name]
 
 
-def resolve_format(entries: Sequence[Any], wanted: str, inputs: Sequence[str]) -> Source:
+def resolve_format(listing: Listing, wanted: str, inputs: Sequence[str]) -> Source:
     """The format to read a listing as: ``wanted``, or with ``auto`` the one format that claims it."""
     if wanted != "auto":
         return get_source(wanted)
-    claiming = [source for source in _registry().values() if source.claims(entries)]
+    claiming = [source for source in _registry().values() if source.claims(listing)]
     if len(claiming) == 1:
         return claiming[0]
     where = ", ".join(inputs)
@@ -54,20 +54,20 @@ def resolve_format(entries: Sequence[Any], wanted: str, inputs: Sequence[str]) -
 
 
 def list_input(inputs: Sequence[str], storage_options: Mapping[str, Any] | None, input_config: Any,
-               entries: Sequence[Any] | None = None) -> tuple[Source, list[WorkItem]]:
+               listing: Listing | None = None) -> tuple[Source, Sequence[WorkItem]]:
     """The input's format and work items, for an InputConfig; nothing to score is an InputError.
 
-    ``entries``: the input's listing when the caller made it (pipeline.io.listing); else it is listed here."""
-    if entries is None:
-        entries = list_entries(inputs, storage_options)
-    source = resolve_format(entries, input_config.format, inputs)
-    items = source.list_items(entries, input_config.resolved(source.name).options)
-    if not items:
+    ``listing``: the input's listing when the caller made it (pipeline.io.listing); else it is listed here."""
+    if listing is None:
+        listing = Listing.of(list_entries(inputs, storage_options))
+    source = resolve_format(listing, input_config.format, inputs)
+    items = source.list_items(listing, input_config.resolved(source.name).options)
+    if not len(items):
         raise InputError(f"no {source.name} input to score under {', '.join(inputs)}")
     return source, items
 
 
-def list_items(config: Any) -> tuple[Source, list[WorkItem]]:
+def list_items(config: Any) -> tuple[Source, Sequence[WorkItem]]:
     """:func:`list_input` for a ScoreConfig, listed in full."""
     return list_input(config.input, config.storage_options, config.source)
 

@@ -9,10 +9,14 @@ only work items (a name, a size, an ETag) and the rows their reads produce, in t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import posixpath
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.errors import InputError
 from pipeline.io.storage import filesystem, full_uri
@@ -88,6 +92,57 @@ class Entry:
         return posixpath.relpath(self.uri, self.root) if self.root else posixpath.basename(self.uri)
 
 
+LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string()), ("root", pa.string())])
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Listed files as one Arrow table, sorted by URI, each URI once: ``uri``, ``size``, ``etag`` and ``root``
+    (as :class:`Entry` has them). LAION's input is hundreds of thousands of files: formats that plan at that
+    scale read the columns; the others take :attr:`entries`."""
+
+    table: pa.Table
+
+    @classmethod
+    def of(cls, entries: Iterable[Entry]) -> Listing:
+        entries = sorted({e.uri: e for e in reversed(list(entries))}.values(), key=lambda e: e.uri)  # first wins
+        return cls(pa.table({"uri": [e.uri for e in entries], "size": [e.size for e in entries],
+                             "etag": [e.etag for e in entries], "root": [e.root for e in entries]},
+                            schema=LISTING_SCHEMA))
+
+    @classmethod
+    def concat(cls, tables: Sequence[pa.Table]) -> Listing:
+        """One listing of several; a URI listed twice keeps its first row (the first input pattern's root)."""
+        if not tables:
+            return cls(LISTING_SCHEMA.empty_table())
+        table = pa.concat_tables([t.select(LISTING_SCHEMA.names).cast(LISTING_SCHEMA) for t in tables])
+        if _increasing(table["uri"]):
+            return cls(table)  # one folder's listing, as it comes: sorted and each URI once
+        table = table.take(pc.sort_indices(table, sort_keys=[("uri", "ascending")]))  # stable: the first stays first
+        uris = table["uri"]
+        first = pc.not_equal(uris.slice(1), uris.slice(0, len(uris) - 1))
+        return cls(table.filter(pa.concat_arrays([pa.array([True]), first.combine_chunks()])))
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @functools.cached_property
+    def entries(self) -> list[Entry]:
+        columns = self.table.to_pydict()
+        return [Entry(uri, {"size": size, "etag": etag}, root)
+                for uri, size, etag, root in zip(columns["uri"], columns["size"], columns["etag"], columns["root"])]
+
+    def uris(self) -> list[str]:
+        return self.table["uri"].to_pylist()
+
+
+def _increasing(values: Any) -> bool:
+    """Whether ``values`` are strictly increasing."""
+    if len(values) < 2:
+        return True
+    return bool(pc.all(pc.less(values.slice(0, len(values) - 1), values.slice(1))).as_py())
+
+
 def stem_of(uri: str) -> str:
     return posixpath.basename(uri).split(".", 1)[0]
 
@@ -143,20 +198,59 @@ def folder_label(folder: str) -> str:
     return f"{label}-{tag}"
 
 
-def plan_sticky_units(items: Sequence[WorkItem], per_unit: int,
-                      records: Mapping[str, Mapping[str, Any]]) -> list[WorkUnit]:
+PLAN_COLUMNS = ("unit", "name", "size", "etag")
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """Every work item of the input in its unit: one row per item, in name order, with at least
+    :data:`PLAN_COLUMNS` (what planning compares with the committed units, in Arrow); and how to make the
+    :class:`WorkUnit` objects of the units that are to be scored, only those."""
+
+    table: pa.Table
+    make: Callable[[pa.Table], list[WorkUnit]]  # rows of ``table`` (whole units) -> their WorkUnits, by unit id
+
+    @classmethod
+    def of_units(cls, units: Sequence[WorkUnit]) -> UnitPlan:
+        """The plan of units a format made in Python."""
+        by_id = {unit.unit_id: unit for unit in units}
+        rows = sorted((v["name"], unit.unit_id, v.get("size"), None if v.get("etag") is None else str(v["etag"]))
+                      for unit in units for v in unit.versions())
+        table = pa.table([pa.array([row[i] for row in rows], kind) for i, kind in
+                          enumerate((pa.string(), pa.string(), pa.int64(), pa.string()))],
+                         names=["name", "unit", "size", "etag"])
+        return cls(table, lambda chosen: [by_id[u] for u in _distinct(chosen["unit"])])
+
+    def __len__(self) -> int:
+        """How many units."""
+        return len(self.unit_ids())
+
+    def unit_ids(self) -> list[str]:
+        return _distinct(self.table["unit"])
+
+    def work_units(self, unit_ids: Iterable[str] | None = None) -> list[WorkUnit]:
+        """The WorkUnits of ``unit_ids`` (default: every unit), sorted by unit id."""
+        rows = self.table if unit_ids is None else self.table.filter(
+            pc.is_in(self.table["unit"], value_set=pa.array(list(unit_ids), pa.string())))
+        return sorted(self.make(rows), key=lambda unit: unit.unit_id)
+
+
+def _distinct(column: Any) -> list[str]:
+    return sorted(pc.unique(column).to_pylist())
+
+
+def plan_sticky_units(items: Sequence[WorkItem], per_unit: int, unit_of: Mapping[str, str]) -> list[WorkUnit]:
     """Units for items whose names say nothing about order (image files, arbitrary Parquet names).
 
-    An item a committed unit lists stays in that unit for good, so a new item never shifts others into
-    other units and only the units it touches are scored again. New items form new units, ``per_unit``
-    at a time in name order per folder, each named by its first item: a rerun that finds the same new
-    items forms the same units, whatever an interrupted run committed before."""
-    committed = {v["name"]: unit_id for unit_id, record in records.items() for v in record.get("shards", [])}
+    An item a committed unit lists (``unit_of``: item name -> unit id) stays in that unit for good, so a new
+    item never shifts others into other units and only the units it touches are scored again. New items form
+    new units, ``per_unit`` at a time in name order per folder, each named by its first item: a rerun that
+    finds the same new items forms the same units, whatever an interrupted run committed before."""
     kept: dict[str, list[WorkItem]] = {}
     new: dict[str, list[WorkItem]] = {}
     for item in sorted(items, key=lambda i: i.name):
-        if item.name in committed:
-            kept.setdefault(committed[item.name], []).append(item)
+        if item.name in unit_of:
+            kept.setdefault(unit_of[item.name], []).append(item)
         else:
             new.setdefault(item.folder, []).append(item)
     units = [WorkUnit(unit_id, tuple(members)) for unit_id, members in kept.items()]
@@ -217,11 +311,11 @@ class Source(Protocol):
         """The format's typed options (see :func:`parse_options`); raises ConfigError."""
         ...
 
-    def claims(self, entries: Sequence[Entry]) -> bool:
+    def claims(self, listing: Listing) -> bool:
         """Whether the listing looks like this format (for --input-format auto; several claiming is an error)."""
         ...
 
-    def list_items(self, entries: Sequence[Entry], options: Any) -> list[WorkItem]:
+    def list_items(self, listing: Listing, options: Any) -> Sequence[WorkItem]:
         """The work items of a listing, sorted by name; ``options`` are the format's own (parse_options)."""
         ...
 
@@ -229,10 +323,9 @@ class Source(Protocol):
         """Work items per unit for a ScoreConfig (its ``source.options`` are this format's)."""
         ...
 
-    def plan_units(self, items: Sequence[WorkItem], per_unit: int,
-                   records: Mapping[str, Mapping[str, Any]]) -> list[WorkUnit]:
-        """Units of ``items``, given the committed unit records (by unit id); the same items plan the same
-        units on every run."""
+    def plan_units(self, items: Sequence[WorkItem], per_unit: int, committed: Any) -> UnitPlan:
+        """Units of ``items`` (as :meth:`list_items` gave them), given the committed units
+        (:class:`pipeline.io.units.Committed`); the same items plan the same units on every run."""
         ...
 
     def read(self, task: Mapping[str, Any], storage_options: Mapping[str, Any], options: Any) -> list[dict[str, Any]]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import pyarrow.compute as pc
 
 from pipeline.io.storage import filesystem
 from pipeline.io.tar_reader import (
@@ -22,7 +24,18 @@ from pipeline.io.tar_reader import (
     UNSCORED_IMAGE_EXTENSIONS,
     Sample,
 )
-from pipeline.sources.base import Entry, StorageError, WorkUnit, parse_options, plan_sticky_units, read_byte_range
+from pipeline.sources.base import (
+    Entry,
+    Listing,
+    StorageError,
+    UnitPlan,
+    parse_options,
+    plan_sticky_units,
+    read_byte_range,
+)
+
+if TYPE_CHECKING:
+    from pipeline.io.units import Committed
 
 _CAPTION_EXTENSIONS = TEXT_EXTENSIONS + JSON_EXTENSIONS
 
@@ -96,14 +109,16 @@ class FilesSource:
     def parse_options(self, values: Mapping[str, Any]) -> FilesOptions:
         return parse_options(FilesOptions, values, self.name)
 
-    def claims(self, entries: Sequence[Entry]) -> bool:
-        scorable = IMAGE_EXTENSIONS + UNSCORED_IMAGE_EXTENSIONS
-        return (any(_extension(e.uri) in scorable for e in entries)
-                and not any(_extension(e.uri) == "tar" for e in entries))
+    def claims(self, listing: Listing) -> bool:
+        uris = pc.utf8_lower(listing.table["uri"])
+        if pc.any(pc.ends_with(uris, ".tar")).as_py():
+            return False
+        return any(pc.any(pc.ends_with(uris, f".{extension}")).as_py()
+                   for extension in IMAGE_EXTENSIONS + UNSCORED_IMAGE_EXTENSIONS)
 
-    def list_items(self, entries: Sequence[Entry], options: Any) -> list[ImageFile]:
+    def list_items(self, listing: Listing, options: Any) -> list[ImageFile]:
         samples: dict[tuple[str, str], list[Entry]] = {}
-        for entry in entries:
+        for entry in listing.entries:
             if posixpath.basename(entry.uri).startswith("."):
                 continue  # hidden files: editors' and object stores' own
             relative = entry.relative
@@ -115,9 +130,8 @@ class FilesSource:
     def per_unit(self, config: Any) -> int:
         return config.source.options.files_per_unit
 
-    def plan_units(self, items: Sequence[ImageFile], per_unit: int,
-                   records: Mapping[str, Mapping[str, Any]]) -> list[WorkUnit]:
-        return plan_sticky_units(items, per_unit, records)
+    def plan_units(self, items: Sequence[ImageFile], per_unit: int, committed: Committed) -> UnitPlan:
+        return UnitPlan.of_units(plan_sticky_units(items, per_unit, committed.unit_of_item()))
 
     def read(self, task: Mapping[str, Any], storage_options: Mapping[str, Any], options: Any) -> list[dict[str, Any]]:
         from pipeline.stages.read import _row_for_sample

@@ -13,14 +13,18 @@ import hashlib
 import json
 import posixpath
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline.io.storage import filesystem
-from pipeline.sources.base import Entry, StorageError, WorkUnit, parse_options, plan_sticky_units
+from pipeline.sources.base import Listing, StorageError, UnitPlan, parse_options, plan_sticky_units
+
+if TYPE_CHECKING:
+    from pipeline.io.units import Committed
 
 SUFFIX = ".parquet"
 URL_COLUMN = "url"
@@ -108,19 +112,18 @@ class ParquetSource:
     def parse_options(self, values: Mapping[str, Any]) -> ParquetOptions:
         return parse_options(ParquetOptions, values, self.name)
 
-    def claims(self, entries: Sequence[Entry]) -> bool:
-        return (any(e.uri.endswith(SUFFIX) for e in entries)
-                and not any(e.uri.endswith(".tar") for e in entries))  # beside tars, Parquet files are sidecars
+    def claims(self, listing: Listing) -> bool:
+        uris = listing.table["uri"]  # beside tars, Parquet files are img2dataset's sidecars
+        return bool(pc.any(pc.ends_with(uris, SUFFIX)).as_py()) and not pc.any(pc.ends_with(uris, ".tar")).as_py()
 
-    def list_items(self, entries: Sequence[Entry], options: Any) -> list[ParquetFile]:
-        return [ParquetFile(e.uri, e.size, e.etag) for e in entries if e.uri.endswith(SUFFIX)]
+    def list_items(self, listing: Listing, options: Any) -> list[ParquetFile]:
+        return [ParquetFile(e.uri, e.size, e.etag) for e in listing.entries if e.uri.endswith(SUFFIX)]
 
     def per_unit(self, config: Any) -> int:
         return config.shards_per_unit
 
-    def plan_units(self, items: Sequence[ParquetFile], per_unit: int,
-                   records: Mapping[str, Mapping[str, Any]]) -> list[WorkUnit]:
-        return plan_sticky_units(items, per_unit, records)
+    def plan_units(self, items: Sequence[ParquetFile], per_unit: int, committed: Committed) -> UnitPlan:
+        return UnitPlan.of_units(plan_sticky_units(items, per_unit, committed.unit_of_item()))
 
     def read(self, task: Mapping[str, Any], storage_options: Mapping[str, Any],
              options: ParquetOptions) -> list[dict[str, Any]]:

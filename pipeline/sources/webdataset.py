@@ -4,10 +4,12 @@ A shard is one work item; a row's image is read back with one ranged read of its
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-from pipeline.io.shards import SIDECAR_SUFFIX, TAR_SUFFIX, Shard, plan_units, shards_from
-from pipeline.sources.base import Entry, NoOptions, WorkUnit, parse_options, read_byte_range, stem_of
+import pyarrow.compute as pc
+
+from pipeline.io.shards import SIDECAR_SUFFIX, TAR_SUFFIX, ShardTable, plan_units, shards_from
+from pipeline.sources.base import Listing, NoOptions, UnitPlan, parse_options, read_byte_range
 
 
 class WebDatasetSource:
@@ -18,19 +20,21 @@ class WebDatasetSource:
     def parse_options(self, values: Mapping[str, Any]) -> NoOptions:
         return parse_options(NoOptions, values, self.name)
 
-    def claims(self, entries: Sequence[Entry]) -> bool:
+    def claims(self, listing: Listing) -> bool:
         # A folder of sidecars alone (every download failed, or the tars not yet there) is still img2dataset's.
-        return any(e.uri.endswith(TAR_SUFFIX) or (e.uri.endswith(SIDECAR_SUFFIX) and stem_of(e.uri).isdigit())
-                   for e in entries)
+        uris = listing.table["uri"]
+        if pc.any(pc.ends_with(uris, TAR_SUFFIX)).as_py():
+            return True
+        names = pc.replace_substring_regex(uris.filter(pc.ends_with(uris, SIDECAR_SUFFIX)), r"^.*/", "")
+        return bool(pc.any(pc.ascii_is_decimal(pc.replace_substring_regex(names, r"\..*$", ""))).as_py())
 
-    def list_items(self, entries: Sequence[Entry], options: Any) -> list[Shard]:
-        return shards_from(entries)
+    def list_items(self, listing: Listing, options: Any) -> ShardTable:
+        return shards_from(listing)
 
     def per_unit(self, config: Any) -> int:
         return config.shards_per_unit
 
-    def plan_units(self, items: Sequence[Shard], per_unit: int,
-                   records: Mapping[str, Mapping[str, Any]]) -> list[WorkUnit]:
+    def plan_units(self, items: ShardTable, per_unit: int, committed: Any) -> UnitPlan:
         return plan_units(items, per_unit)  # img2dataset numbers shards: the number fixes the unit
 
     def read(self, task: Mapping[str, Any], storage_options: Mapping[str, Any], options: Any) -> list[dict[str, Any]]:

@@ -81,12 +81,13 @@ def test_committed_items_keep_their_unit_and_new_items_form_new_units_named_by_t
     first = plan_sticky_units(items, 2, {})
     assert sorted([i.key for i in u.shards] for u in first) == [["b", "d"], ["f"]]
     records = {u.unit_id: {"shards": u.versions()} for u in first}
-    later = plan_sticky_units(items + [_item("/in/a.jpg"), _item("/in/c.jpg"), _item("/in/e.jpg")], 2, records)
+    committed = {v["name"]: u for u, record in records.items() for v in record["shards"]}
+    later = plan_sticky_units(items + [_item("/in/a.jpg"), _item("/in/c.jpg"), _item("/in/e.jpg")], 2, committed)
     by_id = {u.unit_id: sorted(i.key for i in u.shards) for u in later}
     assert {u: by_id[u] for u in records} == {u.unit_id: sorted(i.key for i in u.shards) for u in first}
     new = sorted(v for u, v in by_id.items() if u not in records)
     assert new == [["a", "c"], ["e"]]
-    again = plan_sticky_units(items + [_item("/in/a.jpg"), _item("/in/c.jpg"), _item("/in/e.jpg")], 2, records)
+    again = plan_sticky_units(items + [_item("/in/a.jpg"), _item("/in/c.jpg"), _item("/in/e.jpg")], 2, committed)
     assert [u.unit_id for u in again] == [u.unit_id for u in later]
 
 

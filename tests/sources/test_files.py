@@ -12,7 +12,7 @@ from pipeline import schema as S
 from pipeline.analysis.reading import fetch_image
 from pipeline.config import DecodeConfig, InputConfig
 from pipeline.sources import StorageError, get_source
-from pipeline.sources.base import list_entries
+from pipeline.sources.base import Listing, list_entries
 from pipeline.stages.decode import Decode
 from pipeline.stages.read import ReadItems
 from tests.hostile_images import encode, photo
@@ -43,7 +43,7 @@ def folder(tmp_path):
 
 
 def _items(folder):
-    return {item.key: item for item in SOURCE.list_items(list_entries([str(folder)]), OPTIONS)}
+    return {item.key: item for item in SOURCE.list_items(Listing.of(list_entries([str(folder)])), OPTIONS)}
 
 
 def _rows(folder):

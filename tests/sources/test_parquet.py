@@ -13,7 +13,7 @@ from pipeline import schema as S
 from pipeline.analysis.reading import fetch_images
 from pipeline.config import ConfigError, InputConfig, ScoreConfig
 from pipeline.sources import get_source, list_items
-from pipeline.sources.base import list_entries
+from pipeline.sources.base import Listing, list_entries
 from pipeline.stages.read import ReadItems
 from tests.hostile_images import encode, photo
 
@@ -26,7 +26,7 @@ def _images(n):
 
 def _read(path, **options):
     opts = InputConfig("parquet", options).options
-    (item,) = SOURCE.list_items(list_entries([str(path)]), opts)
+    (item,) = SOURCE.list_items(Listing.of(list_entries([str(path)])), opts)
     read = ReadItems("parquet", opts)
     tables = list(read({"unit": np.array(["u"]), "items": np.array([json.dumps([item.task()])])}))
     return pa.concat_tables(tables).to_pylist()

@@ -11,7 +11,7 @@ from pipeline.analysis.reading import fetch_image
 from pipeline.config import InputConfig
 from pipeline.io.shards import list_shards
 from pipeline.sources import get_source
-from pipeline.sources.base import list_entries
+from pipeline.sources.base import Listing, list_entries
 from pipeline.stages.read import ReadItems, read_shard_rows
 from tests.hostile_images import encode, photo
 from tests.tarfiles import make_sidecar, make_tar, sidecar_row
@@ -29,7 +29,7 @@ def _shards(tmp_path):
 
 def test_shards_list_and_read_as_they_do_without_the_seam(tmp_path):
     images = _shards(tmp_path)
-    items = SOURCE.list_items(list_entries([str(tmp_path)]), InputConfig("webdataset").options)
+    items = SOURCE.list_items(Listing.of(list_entries([str(tmp_path)])), InputConfig("webdataset").options)
     assert items == list_shards([str(tmp_path)])
     (table,) = ReadItems("webdataset", InputConfig("webdataset").options)(
         {"unit": np.array(["u"]), "items": np.array([json.dumps([items[0].task()])])})
