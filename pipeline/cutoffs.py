@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from tabulate import tabulate
 
 from pipeline import schema as S
 from pipeline.io import layout
 from pipeline.io.storage import filesystem, join, write_bytes_atomic, write_json_atomic
-from pipeline.io.units import read_facts
+from pipeline.io.units import read_facts, read_table
 
 # LAION blog "LAION-Aesthetics" (2022-08-16), V2 predictor over LAION-2B-en.
 LAION_2B_EN_SAMPLES = 2_322_161_808
@@ -71,27 +73,57 @@ class CutoffTable:
         return "\n".join(lines) + "\n"
 
 
-def build_tables(records: Iterable[Mapping[str, Any]]) -> list[CutoffTable]:
-    """One table per model identity found (a prefix mid-way through a rescore holds two)."""
-    groups: dict[str, list[Mapping[str, Any]]] = {}
-    for record in records:
-        groups.setdefault(record["model_key"], []).append(record)
+# The unit table's columns the cutoff table is built from (pipeline.io.units.SCHEMA).
+FACT_COLUMNS = ["model_key", "tiny_random", "rows", "scored", "counts_by_status", "counts_ge"]
+
+
+def facts_of(records: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Unit records (or facts, pipeline.io.units.read_facts) as the unit table's columns :data:`FACT_COLUMNS`."""
+    from pipeline.io.units import SCHEMA
+
+    rows = [{"model_key": r["model_key"], "tiny_random": bool(r.get("tiny_random")), "rows": r["rows"],
+             "scored": r["score"]["scored"], "counts_by_status": list(r["counts_by_status"].items()),
+             "counts_ge": list(r["score"]["counts_ge"].items())} for r in records]
+    return pa.Table.from_pylist(rows, schema=pa.schema([SCHEMA.field(name) for name in FACT_COLUMNS]))
+
+
+def _map_sums(facts: pa.Table, column: str) -> dict[tuple[str, str], int]:
+    """(model key, map key) -> the sum of that map entry over the units."""
+    map_type = facts.schema.field(column).type
+    maps = facts[column].combine_chunks().cast(pa.list_(pa.struct([("key", map_type.key_type),
+                                                                     ("value", map_type.item_type)])))
+    entries = pc.list_flatten(maps)
+    summed = pa.table({"model_key": facts["model_key"].combine_chunks().take(pc.list_parent_indices(maps)),
+                       "key": entries.field("key"), "value": entries.field("value")}
+                      ).group_by(["model_key", "key"]).aggregate([("value", "sum")])
+    return {(m, k): v for m, k, v in zip(summed["model_key"].to_pylist(), summed["key"].to_pylist(),
+                                         summed["value_sum"].to_pylist())}
+
+
+def tables_of(facts: pa.Table) -> list[CutoffTable]:
+    """One table per model identity found (a prefix mid-way through a rescore holds two), from the unit table's
+    columns :data:`FACT_COLUMNS`: sums over Arrow columns, the same for a thousand units or LAION's 58,000."""
+    totals = facts.group_by("model_key").aggregate(
+        [([], "count_all"), ("rows", "sum"), ("scored", "sum"), ("tiny_random", "any")])
+    statuses, counts_ge = _map_sums(facts, "counts_by_status"), _map_sums(facts, "counts_ge")
     tables = []
-    for model_key, group in sorted(groups.items()):
-        scored = sum(m["score"]["scored"] for m in group)
-        statuses: dict[str, int] = {}
-        for m in group:
-            for status, count in m["counts_by_status"].items():
-                statuses[status] = statuses.get(status, 0) + count
+    for total in sorted(totals.to_pylist(), key=lambda t: t["model_key"]):
+        model_key, scored = total["model_key"], total["scored_sum"] or 0
         rows = []
         for threshold in S.LAION_THRESHOLDS:
-            count = sum(m["score"]["counts_ge"][str(threshold)] for m in group)
+            count = counts_ge.get((model_key, str(threshold)), 0)
             laion = LAION_PUBLISHED_COUNTS[threshold]
             rows.append(CutoffRow(threshold, count, count / scored if scored else None,
                                   laion, laion / LAION_2B_EN_SAMPLES))
-        tables.append(CutoffTable(model_key, len(group), sum(m["rows"] for m in group), scored, statuses,
-                                  tuple(rows), any(m.get("tiny_random") for m in group)))
+        by_status = {status: count for (key, status), count in statuses.items() if key == model_key}
+        tables.append(CutoffTable(model_key, total["count_all"], total["rows_sum"] or 0, scored, by_status,
+                                  tuple(rows), bool(total["tiny_random_any"])))
     return tables
+
+
+def build_tables(records: Iterable[Mapping[str, Any]]) -> list[CutoffTable]:
+    """:func:`tables_of` for unit records (or facts)."""
+    return tables_of(facts_of(records))
 
 
 DUPLICATE = "duplicate"  # with --dedup: an ok row that is not its duplicate group's keeper
@@ -136,7 +168,7 @@ def dedup_tables(output: str, storage_options: Mapping[str, Any] | None = None) 
 
 def write_cutoffs(output: str, storage_options: Mapping[str, Any] | None = None) -> list[CutoffTable]:
     """Aggregate the committed records and write the cutoff table (JSON and Markdown) under the prefix."""
-    tables = build_tables(read_facts(output, storage_options, shards=False).values())
+    tables = tables_of(read_table(output, storage_options, columns=FACT_COLUMNS))
     fs, root = filesystem(output, storage_options)
     write_json_atomic(fs, join(root, layout.CUTOFFS_JSON), {"tables": [t.to_json() for t in tables]})
     markdown = "\n".join(t.to_markdown() for t in tables) or "No committed units yet.\n"

@@ -73,9 +73,6 @@ class Plan:
     reasons: dict[str, str]  # why each pending unit is pending
 
 
-def _array(values: Any) -> pa.Array:
-    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-
 
 def _grouped(codes: np.ndarray, names: pa.Array) -> np.ndarray:
     """Row order that groups rows by unit code, each unit's rows in name order."""
@@ -93,7 +90,8 @@ def _same_items(planned: pa.Table, pcodes: np.ndarray, stored: pa.Table, scodes:
     """Per unit code: whether its stored items are exactly its planned ones (names, sizes, ETags; a missing size
     or ETag equal to a missing one). Both sides are grouped by unit, in name order, and matched row for row."""
     listed, kept = np.bincount(pcodes, minlength=units), np.bincount(scodes, minlength=units)
-    porder, sorder = _grouped(pcodes, _array(planned["name"])), _grouped(scodes, _array(stored["name"]))
+    porder = _grouped(pcodes, planned["name"].combine_chunks())
+    sorder = _grouped(scodes, stored["name"].combine_chunks())
     pstart, sstart = np.r_[0, np.cumsum(listed)[:-1]], np.r_[0, np.cumsum(kept)[:-1]]
     code = pcodes[porder]
     comparable = (listed == kept)[code]
@@ -101,7 +99,7 @@ def _same_items(planned: pa.Table, pcodes: np.ndarray, stored: pa.Table, scodes:
     mine, theirs = porder[comparable], sorder[(sstart[code] + offset)[comparable]]
     equal = np.ones(len(mine), dtype=bool)
     for column, missing in (("name", None), ("size", -1), ("etag", "\0")):
-        a, b = _array(planned[column]).take(mine), _array(stored[column]).take(theirs)
+        a, b = planned[column].take(mine), stored[column].take(theirs)
         if missing is not None:
             a, b = pc.fill_null(a, missing), pc.fill_null(b, missing)
         equal &= pc.equal(a, b).to_numpy(zero_copy_only=False)
@@ -118,13 +116,13 @@ def unit_verdicts(planned: pa.Table, committed: Committed, key: str | None) -> p
     LAION is 232,000 shards in 58,000 units: the comparison is vectorised over Arrow columns, with no Python
     per unit and no hashing of names."""
     stored = committed.items()
-    encoded = pc.dictionary_encode(_array(planned["unit"]))
+    encoded = pc.dictionary_encode(planned["unit"].combine_chunks())
     units, pcodes = encoded.dictionary, encoded.indices.to_numpy()
-    scodes = pc.index_in(_array(stored["unit"]), value_set=units)
+    scodes = pc.index_in(stored["unit"].combine_chunks(), value_set=units)
     listed_units = pc.is_valid(scodes)
     stored = stored.filter(listed_units)
     same = _same_items(planned, pcodes, stored, scodes.filter(listed_units).to_numpy(), len(units))
-    row = pc.index_in(units, value_set=_array(committed.table["unit"]))
+    row = pc.index_in(units, value_set=committed.table["unit"].combine_chunks())
     model = pc.fill_null(committed.table["model_key"].take(row), "None")
     other_model = np.zeros(len(units), dtype=bool) if key is None else pc.not_equal(model, key).to_numpy(
         zero_copy_only=False)

@@ -98,9 +98,6 @@ def _shards(rows: pa.Table) -> list[Shard]:
     return [Shard(*values) for values in zip(*(columns[name] for name in SHARD_COLUMNS))]
 
 
-def _array(values: Any) -> pa.Array:
-    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-
 
 def _basename(uris: Any) -> Any:
     return pc.replace_substring_regex(uris, r"^.*/", "")
@@ -119,11 +116,11 @@ def shards_from(listing: Listing) -> ShardTable:
     tar_bases = pc.utf8_slice_codeunits(tars["uri"], 0, -len(TAR_SUFFIX))
     sidecar_bases = pc.utf8_slice_codeunits(sidecars, 0, -len(SIDECAR_SUFFIX))
     with_tars = pa.table({"name": tars["uri"], "tar": tars["uri"],
-                          "sidecar": _array(sidecars).take(pc.index_in(tar_bases, value_set=_array(sidecar_bases))),
+                          "sidecar": sidecars.take(pc.index_in(tar_bases, value_set=sidecar_bases.combine_chunks())),
                           "size": tars["size"], "etag": tars["etag"]})
     # A sidecar without its tar is a shard whose downloads all failed, or whose tar is yet to come; a Parquet
     # file beside no tar whose name is not a number is no img2dataset sidecar (stats, other tables).
-    alone = pc.invert(pc.is_in(sidecar_bases, value_set=_array(tar_bases)))
+    alone = pc.invert(pc.is_in(sidecar_bases, value_set=tar_bases.combine_chunks()))
     lonely = sidecars.filter(alone).filter(pc.ascii_is_decimal(_basename(sidecar_bases.filter(alone))))
     if not len(lonely):
         return ShardTable(with_tars)  # in the listing's order: sorted by name
@@ -172,7 +169,7 @@ def plan_units(shards: Iterable[Shard], shards_per_unit: int) -> UnitPlan:
         group[named[order]] = position // shards_per_unit
     index = pc.utf8_lpad(pc.cast(pa.array(group), pa.string()), 6, "0")
     index = pc.if_else(pa.array(numbered), index, pc.binary_join_element_wise("n", index, ""))
-    folders = pc.dictionary_encode(_array(folder))
+    folders = pc.dictionary_encode(folder.combine_chunks())
     labels = pa.array([folder_label(f) for f in folders.dictionary.to_pylist()], pa.string()).take(folders.indices)
     unit = pc.binary_join_element_wise(labels, index, "-")
     return UnitPlan(table.append_column("unit", unit).select(["unit", *SHARD_COLUMNS]), _work_units)

@@ -132,9 +132,6 @@ class Listing:
         return [Entry(uri, {"size": size, "etag": etag}, root)
                 for uri, size, etag, root in zip(columns["uri"], columns["size"], columns["etag"], columns["root"])]
 
-    def uris(self) -> list[str]:
-        return self.table["uri"].to_pylist()
-
 
 def _increasing(values: Any) -> bool:
     """Whether ``values`` are strictly increasing."""
@@ -198,14 +195,11 @@ def folder_label(folder: str) -> str:
     return f"{label}-{tag}"
 
 
-PLAN_COLUMNS = ("unit", "name", "size", "etag")
-
-
 @dataclass(frozen=True)
 class UnitPlan:
-    """Every work item of the input in its unit: one row per item, in name order, with at least
-    :data:`PLAN_COLUMNS` (what planning compares with the committed units, in Arrow); and how to make the
-    :class:`WorkUnit` objects of the units that are to be scored, only those."""
+    """Every work item of the input in its unit: one row per item, in name order, with at least ``unit``,
+    ``name``, ``size`` and ``etag`` (what planning compares with the committed units, in Arrow); and how to make
+    the :class:`WorkUnit` objects of the units that are to be scored, only those."""
 
     table: pa.Table
     make: Callable[[pa.Table], list[WorkUnit]]  # rows of ``table`` (whole units) -> their WorkUnits, by unit id
@@ -220,10 +214,6 @@ class UnitPlan:
                           enumerate((pa.string(), pa.string(), pa.int64(), pa.string()))],
                          names=["name", "unit", "size", "etag"])
         return cls(table, lambda chosen: [by_id[u] for u in _distinct(chosen["unit"])])
-
-    def __len__(self) -> int:
-        """How many units."""
-        return len(self.unit_ids())
 
     def unit_ids(self) -> list[str]:
         return _distinct(self.table["unit"])
