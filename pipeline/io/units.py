@@ -60,7 +60,7 @@ SCHEMA = pa.schema([
     pa.field("record", pa.string(), nullable=False),
 ])
 
-# The columns planning and status read, and those the cutoff table reads: not the JSON record.
+# The columns planning and status read (Committed), and those read_facts gives: never the JSON record.
 PLANNING = ["unit", "model_key", "shards_per_unit", "rows", "shard_versions"]
 FACTS = ["unit", "model_key", "tiny_random", "shards_per_unit", "rows", "scored", "counts_by_status", "counts_ge",
          "shard_versions"]
@@ -157,7 +157,7 @@ def read_facts(output: str, storage_options: Mapping[str, Any] | None = None,
 class Committed:
     """Every committed unit's current facts that planning reads, as Arrow: ``unit``, ``model_key``,
     ``shards_per_unit``, ``rows`` and ``shard_versions`` (each work item's name, size and ETag). LAION is 58,000
-    units of 4 shards: planning joins these columns with the listing instead of making a record per unit."""
+    units of 4 shards: planning compares these columns with the listing's instead of making a record per unit."""
 
     table: pa.Table
 
@@ -170,9 +170,6 @@ class Committed:
         """Unit records by unit id, as the unit table would hold them."""
         rows = [to_row({**record, "unit": unit}, 1, 0) for unit, record in records.items()]
         return cls(pa.Table.from_pylist(rows, schema=SCHEMA).select(PLANNING))
-
-    def __len__(self) -> int:
-        return self.table.num_rows
 
     def items(self) -> pa.Table:
         """One row per committed work item: ``unit``, ``name``, ``size``, ``etag``."""
