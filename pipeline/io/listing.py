@@ -81,10 +81,6 @@ class InputListing:
     folders: list[FolderListing] = field(default_factory=list)
     format: str = ""  # the format the entries were resolved as, once known (kept with the listing)
 
-    @property
-    def entries(self) -> list[Entry]:
-        return self.listing.entries
-
     def describe(self) -> str:
         """One line: how each folder was listed."""
         parts = [f"{posixpath.basename(f.root.rstrip('/')) or f.root}: {f.how}" for f in self.folders]

@@ -43,14 +43,14 @@ def test_a_folder_is_listed_in_full_first_then_from_where_its_kept_listing_ended
     _write(shards, *(f"{n:05d}.{suffix}" for n in range(6) for suffix in ("tar", "parquet")))
     first = listing.list_input_entries([str(shards)], {}, output)
     assert [f.how for f in first.folders] == ["full"]
-    assert _same(first.entries) == _same(list_entries([str(shards)]))
+    assert _same(first.listing.entries) == _same(list_entries([str(shards)]))
     _keep(first)
 
     _write(shards, "00006.tar", "00006.parquet", "later/00000.tar")  # new numbers, and a new sub-folder
     second = listing.list_input_entries([str(shards)], {}, output)
     # 12 kept files, of which the last two (00005.*) are listed again with the 3 new ones.
     assert second.folders[0].how == "10 kept, 5 listed after 00004.tar"
-    assert _same(second.entries) == _same(list_entries([str(shards)]))
+    assert _same(second.listing.entries) == _same(list_entries([str(shards)]))
 
 
 def test_a_late_sidecar_and_a_rewritten_recent_shard_are_seen_in_the_overlap(tmp_path, small_overlap) -> None:
@@ -61,7 +61,7 @@ def test_a_late_sidecar_and_a_rewritten_recent_shard_are_seen_in_the_overlap(tmp
     _write(shards, "00001.tar", data=b"rewritten")
     again = listing.list_input_entries([str(shards)], {}, output)
     assert "listed after 00000.parquet" in again.folders[0].how
-    assert _same(again.entries) == _same(list_entries([str(shards)]))
+    assert _same(again.listing.entries) == _same(list_entries([str(shards)]))
 
 
 def test_a_file_before_the_kept_end_waits_for_the_next_full_listing_which_stops_trusting_the_order(
@@ -73,13 +73,13 @@ def test_a_file_before_the_kept_end_waits_for_the_next_full_listing_which_stops_
     _write(shards, "00005.tar")  # sorts before the kept listing's end: an incremental listing cannot see it
 
     incremental = listing.list_input_entries([str(shards)], {}, output, now=now + DAY)
-    assert str(shards / "00005.tar") not in {e.uri for e in incremental.entries}
+    assert str(shards / "00005.tar") not in {e.uri for e in incremental.listing.entries}
     _keep(incremental)
 
     # A week after the last full listing, auto lists everything again, sees the file and notes the disorder.
     weekly = listing.list_input_entries([str(shards)], {}, output, now=now + 8 * DAY)
     assert weekly.folders[0].how == "full" and not weekly.folders[0].ordered
-    assert _same(weekly.entries) == _same(list_entries([str(shards)]))
+    assert _same(weekly.listing.entries) == _same(list_entries([str(shards)]))
     _keep(weekly)
     after = listing.list_input_entries([str(shards)], {}, output, now=now + 9 * DAY)
     assert after.folders[0].how == "full"  # this folder is always listed in full from now on
@@ -89,7 +89,7 @@ def test_a_file_before_the_kept_end_waits_for_the_next_full_listing_which_stops_
     _keep(listing.list_input_entries([str(shards)], {}, other, now=now))
     _write(shards, "00006.tar")
     full = listing.list_input_entries([str(shards)], {}, other, ListingConfig(mode="full"), now=now + DAY)
-    assert str(shards / "00006.tar") in {e.uri for e in full.entries}
+    assert str(shards / "00006.tar") in {e.uri for e in full.listing.entries}
 
 
 def test_globs_single_files_and_no_output_are_listed_in_full_and_nothing_is_kept(tmp_path) -> None:
@@ -98,7 +98,7 @@ def test_globs_single_files_and_no_output_are_listed_in_full_and_nothing_is_kept
     output = tmp_path / "out"
     for pattern in (str(shards / "0000[01].tar"), str(shards / "00001.tar")):
         listed = listing.list_input_entries([pattern], {}, str(output))
-        assert listed.folders == [] and _same(listed.entries) == _same(list_entries([pattern]))
+        assert listed.folders == [] and _same(listed.listing.entries) == _same(list_entries([pattern]))
         _keep(listed)
     assert not output.exists()
     assert listing.list_input_entries([str(shards)], {}, None).folders == []
@@ -115,8 +115,8 @@ def test_on_s3_the_incremental_listing_starts_after_the_kept_end_and_equals_a_fu
     fs.invalidate_cache()
     again = listing.list_input_entries([inputs], options, output)
     assert again.folders[0].how == "8 kept, 5 listed after 00003.tar"
-    assert _same(again.entries) == _same(list_entries([inputs], options))
-    assert all(e.etag for e in again.entries)  # S3's ETags, as the full listing gives them
+    assert _same(again.listing.entries) == _same(list_entries([inputs], options))
+    assert all(e.etag for e in again.listing.entries)  # S3's ETags, as the full listing gives them
 
 
 def test_a_kept_listing_of_another_pattern_is_not_used(tmp_path) -> None:
@@ -126,7 +126,7 @@ def test_a_kept_listing_of_another_pattern_is_not_used(tmp_path) -> None:
     output = str(tmp_path / "out")
     _keep(listing.list_input_entries([str(one)], {}, output))
     listed = listing.list_input_entries([str(two)], {}, output)
-    assert listed.folders[0].how == "full" and len(listed.entries) == 2
+    assert listed.folders[0].how == "full" and len(listed.listing.entries) == 2
 
 
 def test_formats_whose_names_say_nothing_of_order_are_listed_in_full(tmp_path, small_overlap) -> None:
@@ -136,7 +136,7 @@ def test_formats_whose_names_say_nothing_of_order_are_listed_in_full(tmp_path, s
     assert not (tmp_path / "out" / listing.FOLDER).exists()  # nothing kept: it would never be used
     _write(images, "a.jpg")
     again = listing.list_input_entries([str(images)], {}, output)
-    assert again.folders[0].how == "full" and str(images / "a.jpg") in {e.uri for e in again.entries}
+    assert again.folders[0].how == "full" and str(images / "a.jpg") in {e.uri for e in again.listing.entries}
 
 
 def test_the_listing_mode_is_checked_at_the_edge() -> None:
