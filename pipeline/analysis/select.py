@@ -9,14 +9,15 @@ is all that is read from the images: no image is decoded or re-embedded.
 
 Steps, per committed data file (the unit of parallelism):
 
-1. skip files whose score band cannot reach ``min_score`` (band from the record, no I/O);
+1. skip files whose score band cannot reach ``min_score`` or whose units are not wanted (from the table's
+   log, no data file read);
 2. read ``status == ok AND aesthetic_score >= min_score`` (row groups pruned by their score statistics)
    for the selected model, in record batches;
 3. cosine similarity with the query = dot product of unit vectors; keep this file's best ``pool`` rows.
 
 The files' candidates are merged on the driver into the global best ``pool`` (exact: the global top-N is
 inside the union of every file's top-N). On a small prefix the files are read in the driver process; past
-``ray_min_rows`` rows (counted from the records) each file is a Ray task and the driver merges results as
+``ray_min_rows`` rows (counted from the log) each file is a Ray task and the driver merges results as
 they arrive, so its memory holds ``pool`` rows plus one file's result per task in flight.
 
 Diversity (``diverse=True``): **maximal marginal relevance** (Carbonell & Goldstein 1998) over the image
@@ -49,6 +50,7 @@ fetched from its shard with one ranged read, with ``.txt`` caption and ``.json``
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import io
 import json
@@ -70,7 +72,7 @@ from pipeline import schema as S
 from pipeline.analysis.reading import fetch_images
 from pipeline.config import TINY_MODEL, ModelConfig
 from pipeline.index import describe, open_index, stale_units
-from pipeline.io.delta import embeddings_of
+from pipeline.io.delta import embeddings_of, open_table
 from pipeline.io.storage import filesystem, full_uri, join, write_bytes_atomic
 from pipeline.io.units import read_units
 from pipeline.io.units import versions as unit_versions
@@ -210,10 +212,11 @@ def _top_rows(table: pa.Table, limit: int) -> pa.Table:
 
 def file_candidates(uri: str, query: np.ndarray, min_score: float | None, model_identity: str, limit: int,
                     storage_options: Mapping[str, Any] | None = None,
-                    batch_rows: int = 8192, exclude: Mapping[str, frozenset[str]] | None = None
-                    ) -> tuple[pa.Table, int]:
-    """One data file's best ``limit`` rows for ``query`` among ok rows scoring >= ``min_score`` (and not in
-    ``exclude``, shard -> keys: the duplicates ``--dedup`` leaves out), and how many rows passed that filter.
+                    batch_rows: int = 8192, exclude: Mapping[str, frozenset[str]] | None = None,
+                    units: Collection[str] | None = None) -> tuple[pa.Table, int]:
+    """One data file's best ``limit`` rows for ``query`` among ok rows scoring >= ``min_score`` (of ``units``
+    when given, and not in ``exclude``, shard -> keys: the duplicates ``--dedup`` leaves out), and how many rows
+    passed that filter.
 
     Plain function of its arguments: run in the driver or as a Ray task. The table carries
     :data:`CANDIDATE_COLUMNS` plus ``score_band`` and ``query_similarity``.
@@ -225,6 +228,8 @@ def file_candidates(uri: str, query: np.ndarray, min_score: float | None, model_
     expression = (pads.field(S.STATUS) == S.Status.OK.value) & (pads.field(S.MODEL) == model_identity)
     if min_score is not None:
         expression = expression & (pads.field(S.AESTHETIC_SCORE) >= min_score)
+    if units is not None:
+        expression = expression & pads.field(S.UNIT).isin(sorted(units))
     columns = [c for c in CANDIDATE_COLUMNS if c in dataset.schema.names]
     band = _band_of_path(path)
     best: pa.Table | None = None
@@ -273,31 +278,50 @@ def _merge(tables: Sequence[pa.Table], limit: int) -> pa.Table:
 @dataclass(frozen=True)
 class FilePlan:
     uris: list[str]
-    rows: int  # rows in those files, from the records
+    rows: int  # rows in those files, from the table's log (rows of other units included)
     skipped_by_band: int  # files whose band cannot reach min_score
+    units: frozenset[str] | None = None  # the units to read from those files (None: every unit of the model)
 
 
 def plan_files(output: str, records: Mapping[str, Mapping[str, Any]], model_identity: str,
                min_score: float | None, storage_options: Mapping[str, Any] | None = None,
                units: Collection[str] | None = None) -> FilePlan:
-    """The committed files that can hold a candidate: units of this model (among ``units`` when given),
-    bands that reach ``min_score``."""
+    """The snapshot's data files that can hold a candidate: files of bands that reach ``min_score`` holding
+    rows of this model's units (among ``units`` when given).
+
+    A unit's rows lie in its own files or, once compacted, in files shared with other units; a file is read
+    when the range of units its statistics give holds a wanted unit (a file without them is read).
+    """
+    wanted = sorted(unit_id for unit_id, record in records.items()
+                    if model_identity in (record.get("model") or []) and (units is None or unit_id in units))
+    only = None if units is None else frozenset(wanted)
+    table = open_table(output, storage_options) if wanted else None
+    if table is None:
+        return FilePlan([], 0, 0, only)
+    actions = pa.table(table.get_add_actions(flatten=True))
+    count = actions.num_rows
+
+    def column(name: str) -> list[Any]:
+        return actions[name].to_pylist() if name in actions.column_names else [None] * count
+
     fs, root = filesystem(output, storage_options)
     uris, rows, skipped = [], 0, 0
-    for unit_id, record in records.items():
-        if model_identity not in (record.get("model") or []) or (units is not None and unit_id not in units):
+    for path, records_in_file, band, low, high in zip(
+            column("path"), column("num_records"), column(f"partition.{bands.COLUMN}"),
+            column(f"min.{S.UNIT}"), column(f"max.{S.UNIT}")):
+        if band == bands.UNSCORED:
             continue
-        for entry in record["files"]:
-            band = entry.get("band", "")
-            if band == bands.UNSCORED:
+        if low is not None and high is not None:
+            first = bisect.bisect_left(wanted, low)
+            if first == len(wanted) or wanted[first] > high:
                 continue
-            low_high = bands.RANGES.get(band)
-            if min_score is not None and low_high is not None and low_high[1] <= min_score:
-                skipped += 1
-                continue
-            uris.append(full_uri(fs, join(root, entry["path"])))
-            rows += int(entry.get("rows", 0))
-    return FilePlan(uris, rows, skipped)
+        low_high = bands.RANGES.get(band)
+        if min_score is not None and low_high is not None and low_high[1] <= min_score:
+            skipped += 1
+            continue
+        uris.append(full_uri(fs, join(root, path)))
+        rows += int(records_in_file or 0)
+    return FilePlan(uris, rows, skipped, only)
 
 
 def check_embeddings(uris: Sequence[str], records: Mapping[str, Mapping[str, Any]],
@@ -334,11 +358,13 @@ def _duplicates_by_shard(output: str, storage_options: Mapping[str, Any] | None)
 
 def _candidates_local(uris: Sequence[str], query: np.ndarray, min_score: float | None, identity: str,
                       limit: int, storage_options: Mapping[str, Any] | None,
-                      exclude: Mapping[str, frozenset[str]] | None = None) -> tuple[pa.Table, int]:
+                      exclude: Mapping[str, frozenset[str]] | None = None,
+                      units: Collection[str] | None = None) -> tuple[pa.Table, int]:
     best: pa.Table | None = None
     passing = 0
     for uri in uris:
-        found, count = file_candidates(uri, query, min_score, identity, limit, storage_options, exclude=exclude)
+        found, count = file_candidates(uri, query, min_score, identity, limit, storage_options, exclude=exclude,
+                                       units=units)
         passing += count
         best = _merge([best, found] if best is not None else [found], limit)
     return (best if best is not None else pa.table({})), passing
@@ -347,7 +373,7 @@ def _candidates_local(uris: Sequence[str], query: np.ndarray, min_score: float |
 def _candidates_ray(uris: Sequence[str], query: np.ndarray, min_score: float | None, identity: str,
                     limit: int, storage_options: Mapping[str, Any] | None,
                     exclude: Mapping[str, frozenset[str]] | None = None,
-                    max_in_flight: int | None = None) -> tuple[pa.Table, int]:
+                    units: Collection[str] | None = None, max_in_flight: int | None = None) -> tuple[pa.Table, int]:
     """One Ray task per file; results merged into the running top-``limit`` as they come back."""
     import ray
 
@@ -356,7 +382,7 @@ def _candidates_ray(uris: Sequence[str], query: np.ndarray, min_score: float | N
     ensure_ray()
     remote = ray.remote(num_cpus=1, max_retries=2)(file_candidates)
     query_ref = ray.put(query)
-    exclude_ref = ray.put(exclude)
+    exclude_ref, units_ref = ray.put(exclude), ray.put(units)
     if max_in_flight is None:
         max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: list[Any] = []
@@ -367,7 +393,8 @@ def _candidates_ray(uris: Sequence[str], query: np.ndarray, min_score: float | N
         while queue or pending:
             while queue and len(pending) < max_in_flight:
                 pending.append(remote.remote(queue.pop(0), query_ref, min_score, identity, limit,
-                                             dict(storage_options or {}), exclude=exclude_ref))
+                                             dict(storage_options or {}), exclude=exclude_ref,
+                                             units=units_ref))
             done, pending = ray.wait(pending, num_returns=1)
             found, count = ray.get(done[0])
             passing += count
@@ -534,7 +561,7 @@ def select_images(output: str, options: SelectOptions, model: ModelConfig | None
     gather = _candidates_ray if use_ray and plan.uris else _candidates_local
     if plan.uris or pool is None:
         found, passing = gather(plan.uris, query_model.embedding, options.min_score, query_model.identity,
-                                options.pool, storage_options, exclude)
+                                options.pool, storage_options, exclude, plan.units)
         pool = found if pool is None else _merge([pool, found], options.pool)
         count_passing += passing
     picks = _finish(pool, options, count_passing)

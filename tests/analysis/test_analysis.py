@@ -297,6 +297,24 @@ def test_selection_without_embeddings_says_how_to_get_them(scored, tmp_path, que
     assert "--write-embeddings" in capsys.readouterr().err
 
 
+def test_selection_reads_the_snapshot_after_compaction_and_vacuum(scored, tmp_path, query_model):
+    """Optimize rewrites units' files into shared ones and vacuum deletes the originals: selection reads the
+    table's current files, so it picks the same rows, from the compacted files."""
+    from pipeline.housekeeping import optimize, vacuum
+
+    copy = tmp_path / "scores"
+    shutil.copytree(scored, copy)
+    options = dict(query=QUERY, top_k=6, use_index=False)
+    before = select_images(str(copy), SelectOptions(**options, use_ray=False), query_model=query_model)
+    optimize(str(copy))
+    vacuum(str(copy), retention_hours=0)
+    for use_ray in (False, True):
+        after = select_images(str(copy), SelectOptions(**options, use_ray=use_ray), query_model=query_model)
+        assert after.keys == before.keys
+        assert after.info["rows_passing"] == before.info["rows_passing"]
+        assert after.info["files_read"] < before.info["files_read"]
+
+
 
 # Prompt and quality columns through the real job -----------------------------------------------------
 
