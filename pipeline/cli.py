@@ -90,6 +90,9 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
                         help="redo units scored with another model or head")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything and print the plan (units done, to do and why); write nothing")
+    parser.add_argument("--compact-at", type=int, metavar="FILES",
+                        help="compact the output's data files at the end of the run once this many are small "
+                             "(default 1000; 0: never, `aesthetics optimize` does it by hand)")
     add_storage_options(parser)
 
 
@@ -161,6 +164,8 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
         values["weights_dirs"] = args.weights_dir
     if args.shards_per_unit is not None:
         values["shards_per_unit"] = args.shards_per_unit
+    if args.compact_at is not None:
+        values["compact_at"] = args.compact_at
     if args.input_format is not None or args.input_option:
         source = dict(values.get("source", {}))
         if args.input_format is not None:
@@ -236,6 +241,8 @@ def print_summary(summary: Any) -> None:
           f"wall {summary.wall_s:.1f}s")
     for unit_id, reason in summary.units_failed.items():
         print(f"  FAILED {unit_id}: {reason}", file=sys.stderr)
+    if summary.compacted is not None:
+        print(f"compacted {summary.compacted.files_removed} small data files into {summary.compacted.files_added}")
     for table in summary.cutoffs:
         print()
         print(table.to_markdown())

@@ -90,6 +90,9 @@ TINY_MODEL = "tiny-random"
 # The same tiny architecture under a name that takes a weights file (a fine-tuned tiny model, in tests).
 TINY_ARCH = "tiny-arch"
 DEFAULT_PRETRAINED = "openai"
+# Data files under the target size that make a run compact the output at its end: enough that a nightly run
+# adding a few units does not rewrite the last partial file of every band each night.
+DEFAULT_COMPACT_AT = 1000
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,8 @@ class ScoreConfig:
     # the sha256 of the list file is pinned before the run and is part of the units' model key.
     exclude_hashes: str | None = None
     exclude_hashes_sha256: str | None = None
+    # The run compacts the data table at its end once this many of its files are small (0: never).
+    compact_at: int = DEFAULT_COMPACT_AT
 
     def __post_init__(self) -> None:
         _require(len(self.input) > 0, "at least one --input is required")
@@ -282,6 +287,8 @@ class ScoreConfig:
         names = [h.name for h in self.heads]
         _require(len(set(names)) == len(names), f"head names must be unique, got {names}")
         _require(self.shards_per_unit >= 1, "shards_per_unit must be >= 1")
+        _require(isinstance(self.compact_at, int) and self.compact_at >= 0,
+                 f"compact_at must be a whole number >= 0 (0: never compact), got {self.compact_at!r}")
         gpus = self.resources.gpus_per_actor
         _require(not (self.model.device == "cpu" and gpus), f"device cpu contradicts gpus_per_actor={gpus}")
         _require(not (self.model.device == "cuda" and gpus == 0), "device cuda contradicts gpus_per_actor=0")

@@ -11,7 +11,9 @@ Vacuum deletes the files no table version within the retention reads: a rescored
 files optimize replaced, and the files of a run stopped before its commit.
 
 Both hold the output's lease, so that no running job commits meanwhile and none of its files-about-to-be-
-committed are deleted.
+committed are deleted. A run compacts on its own, under its own lease, when its commits leave the data table
+with many small files (:func:`compact_when_fragmented`): a reader's cost of opening the table follows its
+file count, which per-unit commits would otherwise grow without bound.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from pipeline import schema as S
+from pipeline.config import DEFAULT_COMPACT_AT
 from pipeline.errors import InputError
 from pipeline.io import units
 from pipeline.io.delta import open_table
@@ -65,18 +71,38 @@ def optimize(output: str, target_size_mb: int = DEFAULT_TARGET_SIZE_MB, zorder_b
         raise InputError(f"cannot Z-order by {', '.join(unknown)}: not a column of {output} "
                          f"(for example {S.AESTHETIC_SCORE})")
     with Lease(output, run_id, storage_options=storage_options):
-        data.update_incremental()
-        target = target_size_mb * 1024 * 1024
-        metrics = (data.optimize.z_order(list(zorder_by), target_size=target) if zorder_by
-                   else data.optimize.compact(target_size=target))
-        data.update_incremental()
-        data.create_checkpoint()
-        unit_table = open_table(units.units_uri(output), storage_options)
-        unit_metrics = {"numFilesRemoved": 0, "numFilesAdded": 0}
-        if unit_table is not None:
-            unit_metrics = unit_table.optimize.compact()
-            unit_table.update_incremental()
-            unit_table.create_checkpoint()
+        return _compact(data, output, target_size_mb, zorder_by, storage_options)
+
+
+def compact_when_fragmented(output: str, storage_options: Mapping[str, Any] | None = None,
+                            at: int = DEFAULT_COMPACT_AT,
+                            target_size_mb: int = DEFAULT_TARGET_SIZE_MB) -> Optimized | None:
+    """Compact the output's tables as :func:`optimize` does when the data table holds ``at`` or more files
+    under the target size (``at`` 0: never); None when it did not. The caller holds the output's lease."""
+    data = open_table(output, storage_options)
+    if at <= 0 or data is None:
+        return None
+    sizes = pa.table(data.get_add_actions(flatten=True))["size_bytes"]
+    small = pc.sum(pc.less(sizes, target_size_mb * 1024 * 1024)).as_py() or 0
+    if small < at:
+        return None
+    return _compact(data, output, target_size_mb, (), storage_options)
+
+
+def _compact(data: Any, output: str, target_size_mb: int, zorder_by: Sequence[str],
+             storage_options: Mapping[str, Any] | None) -> Optimized:
+    data.update_incremental()
+    target = target_size_mb * 1024 * 1024
+    metrics = (data.optimize.z_order(list(zorder_by), target_size=target) if zorder_by
+               else data.optimize.compact(target_size=target))
+    data.update_incremental()
+    data.create_checkpoint()
+    unit_table = open_table(units.units_uri(output), storage_options)
+    unit_metrics = {"numFilesRemoved": 0, "numFilesAdded": 0}
+    if unit_table is not None:
+        unit_metrics = unit_table.optimize.compact()
+        unit_table.update_incremental()
+        unit_table.create_checkpoint()
     return Optimized(int(metrics["numFilesRemoved"]), int(metrics["numFilesAdded"]),
                      int(unit_metrics["numFilesRemoved"]), int(unit_metrics["numFilesAdded"]),
                      tuple(zorder_by), data.version())

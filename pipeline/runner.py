@@ -21,6 +21,7 @@ from pipeline import schema as S
 from pipeline.config import ScoreConfig
 from pipeline.cutoffs import CutoffTable, write_cutoffs
 from pipeline.errors import OutputError
+from pipeline.housekeeping import Optimized, compact_when_fragmented
 from pipeline.io import layout
 from pipeline.io import units as unit_table
 from pipeline.io.commits import UnitCommitter
@@ -58,6 +59,7 @@ class RunSummary:
     tiny_random: bool = False
     cutoffs: list[CutoffTable] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)  # the input format and its options: status lists it again
+    compacted: Optimized | None = None  # the data table compacted at the run's end
 
     @property
     def ok(self) -> bool:
@@ -180,7 +182,9 @@ def run_prepared(prepared: PreparedRun, run_id: str | None = None, embed_loader:
             execute(config, plan.pending, run_id, summary, identity, committer, embed_loader=embed_loader,
                     exclusions=prepared.exclusions)
             if summary.units_committed:
-                unit_table.compact(config.output, config.storage_options)
+                summary.compacted = compact_when_fragmented(config.output, config.storage_options, config.compact_at)
+                if summary.compacted is None:
+                    unit_table.compact(config.output, config.storage_options)
         fs, root = filesystem(config.output, config.storage_options)
         own_staging = layout.staging_dir(root, run_id, "").rstrip("/")
         if fs.exists(own_staging):  # what is left belongs to failed units: the next run redoes them

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.housekeeping import optimize, vacuum
+from pipeline.housekeeping import compact_when_fragmented, optimize, vacuum
 from pipeline.io import units
 from pipeline.io.commits import UnitCommitter, data_file_name
 from pipeline.io.delta import committed_files, open_table
@@ -88,6 +88,20 @@ def test_a_unit_committed_after_optimize_outside_the_compacted_range_is_added_by
     _commit(UnitCommitter(str(tmp_path)), tmp_path, "u9", [5.3])
     assert "u9.v1.parquet" in _band_files(tmp_path)
     assert _keys(tmp_path) == ["u1-5.1", "u2-5.2", "u9-5.3"]
+
+
+def test_a_run_compacts_only_once_the_table_holds_enough_small_files(tmp_path):
+    committer = UnitCommitter(str(tmp_path))
+    for unit, score in (("u1", 5.1), ("u2", 5.2), ("u3", 5.3)):
+        _commit(committer, tmp_path, unit, [score])
+    assert compact_when_fragmented(str(tmp_path), at=4) is None
+    assert compact_when_fragmented(str(tmp_path), at=0) is None, "0: never"
+    assert _band_files(tmp_path) == ["u1.v1.parquet", "u2.v1.parquet", "u3.v1.parquet"]
+    compacted = compact_when_fragmented(str(tmp_path), at=3)
+    assert (compacted.files_removed, compacted.files_added) == (3, 1)
+    assert _keys(tmp_path) == ["u1-5.1", "u2-5.2", "u3-5.3"]
+    assert compact_when_fragmented(str(tmp_path), at=3) is None, "one small file left"
+    assert compact_when_fragmented(str(tmp_path / "empty"), at=1) is None, "no table: nothing to compact"
 
 
 def test_optimize_can_zorder_by_score_and_refuses_unknown_columns_and_missing_tables(tmp_path):

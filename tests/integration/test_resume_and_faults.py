@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -17,6 +19,7 @@ import torch
 from ray import cloudpickle
 
 from pipeline import schema as S
+from pipeline.config import DEFAULT_COMPACT_AT
 from pipeline.cutoffs import build_tables
 from pipeline.io.delta import committed_files
 from pipeline.io.units import read_facts, read_units
@@ -111,7 +114,9 @@ def test_a_driver_killed_between_the_data_and_the_unit_commit_leaves_every_key_o
                                                                 for t in S.LAION_THRESHOLDS]
 
 
-def test_nightly_scores_only_the_shards_that_arrived_since(nine_shards, scoring, ray_local, tmp_path):
+@pytest.mark.parametrize("compact_at", [DEFAULT_COMPACT_AT, 1], ids=["files-per-unit", "compacted-by-every-run"])
+def test_nightly_scores_only_the_shards_that_arrived_since(nine_shards, scoring, ray_local, tmp_path, compact_at):
+    """Also when every run compacts the table at its end: a unit's rows then share files with other units'."""
     shards = tmp_path / "shards"
     shards.mkdir()
     source = Path(nine_shards.shards_dir)
@@ -119,9 +124,12 @@ def test_nightly_scores_only_the_shards_that_arrived_since(nine_shards, scoring,
         for suffix in (".tar", ".parquet"):
             shutil.copy(source / f"{stem}{suffix}", shards)
     output = str(tmp_path / "scores")
-    config = scoring.config(str(shards), output)
+    config = dataclasses.replace(scoring.config(str(shards), output), compact_at=compact_at)
     first = run_score(config)
     assert len(first.units_committed) == 3
+    assert (first.compacted is not None) == (compact_at == 1)
+    files_per_band = Counter(re.search(r"score_band=([^/]+)/", uri).group(1) for uri in committed_files(output))
+    assert (max(files_per_band.values()) == 1) == (compact_at == 1), files_per_band
     before = read_units(output)
 
     for stem in ("00003", "00004"):
@@ -142,7 +150,13 @@ def test_nightly_scores_only_the_shards_that_arrived_since(nine_shards, scoring,
     assert stale.units_committed == [] and len(stale.units_stale) == 5  # never silently
     redone = run_score(dataclasses.replace(rescored, rescore=True))
     assert len(redone.units_committed) == 5
-    assert len(_keys(output)) == len(set(_keys(output)))
+    keys = _keys(output)
+    assert len(keys) == len(set(keys)) == sum(m["rows"] for m in read_units(output).values())
+    scores = pads.dataset(committed_files(output), format="parquet").to_table(columns=[S.AESTHETIC_SCORE])
+    scores = [s for s in scores[S.AESTHETIC_SCORE].to_pylist() if s is not None]
+    (cutoffs,) = build_tables(read_facts(output).values())
+    assert [row.count for row in cutoffs.rows_by_threshold] == [sum(s >= t for s in scores)
+                                                                for t in S.LAION_THRESHOLDS]
 
 
 class _DiesOnFirstBatch(torch.nn.Module):
