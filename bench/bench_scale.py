@@ -2,8 +2,7 @@
 
 A real run (img2dataset shards, local Ray, tiny model) gives one unit's files and record. Each output is
 then fabricated from it: 4 numbered shards per unit in an input prefix, each its tar, Parquet sidecar and stats
-file as img2dataset writes them (tars alone on S3 past ``--s3-sidecars-up-to``), the unit's band files copied per
-unit, the data table committed in batches of units (each carrying its app transactions), the unit table
+file as img2dataset writes them, the unit's band files copied per unit, the data table committed in batches of units (each carrying its app transactions), the unit table
 written with one row per unit, both checkpointed, as a long history of per-unit commits leaves them, and the
 input's listing kept in the output as the run that scored it keeps it (pipeline.io.listing).
 Each command then runs in a subprocess of its own, and its wall seconds and peak RSS (the process's own
@@ -19,7 +18,11 @@ Each command then runs in a subprocess of its own, and its wall seconds and peak
 
     python -m bench.bench_scale [--units 1000 10000 58000] [--stores local s3]
 
-S3 is a moto server started on 127.0.0.1 for the run; the input and the output are in two buckets.
+S3 is moto's server on 127.0.0.1, run in this process (bench/s3_server.py): the bench fills its buckets
+directly, and each command's line says how many requests of each kind the server answered for it and how long
+it took over them. moto answers each LIST page by sorting its whole bucket, which S3 does not: its listing
+seconds are printed apart, with one empty listing page timed per output, and the 2x verdicts are given with
+and without them. The input and the output are in two buckets.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +79,8 @@ def _template(scratch: Path) -> tuple[dict[str, Any], list[tuple[str, str, bytes
     return record, files, args
 
 
-def _put(fs: Any, items: dict[str, bytes]) -> None:
-    """Write many small objects; s3fs sends them concurrently."""
+def _put(fs: Any, items: dict[str, bytes], server: Any = None) -> None:
+    """Write many small objects: files on a local disk, straight into the S3 server's buckets on S3."""
     from pipeline.io.storage import protocol_of
 
     if protocol_of(fs) in ("file", "local"):
@@ -84,19 +88,21 @@ def _put(fs: Any, items: dict[str, bytes]) -> None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_bytes(data)
         return
-    keys = list(items)
-    for start in range(0, len(keys), 5000):
-        fs.pipe({key: items[key] for key in keys[start:start + 5000]})
+    by_bucket: dict[str, dict[str, bytes]] = {}
+    for path, data in items.items():
+        bucket, key = path.split("/", 1)
+        by_bucket.setdefault(bucket, {})[key] = data
+    for bucket, objects in by_bucket.items():
+        server.put(bucket, objects)
 
 
-def shard_files(number: int, tars_only: bool = False) -> list[str]:
+def shard_files(number: int) -> list[str]:
     """What img2dataset writes for one shard: the tar, its Parquet sidecar and a stats file."""
-    return [f"{number:06d}.tar"] if tars_only else [f"{number:06d}.tar", f"{number:06d}.parquet",
-                                                     f"{number:06d}_stats.json"]
+    return [f"{number:06d}.tar", f"{number:06d}.parquet", f"{number:06d}_stats.json"]
 
 
 def fabricate(units: int, input_uri: str, output_uri: str, record: dict[str, Any],
-              files: list[tuple[str, str, bytes]], storage_options: dict[str, Any], tars_only: bool = False) -> float:
+              files: list[tuple[str, str, bytes]], storage_options: dict[str, Any], server: Any = None) -> float:
     """An input of ``units`` x 4 shards and an output with every unit committed; seconds it took."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -112,8 +118,8 @@ def fabricate(units: int, input_uri: str, output_uri: str, record: dict[str, Any
 
     started = time.perf_counter()
     fs, in_root = filesystem(input_uri, storage_options)
-    names = [join(in_root, name) for n in range(units * SHARDS_PER_UNIT) for name in shard_files(n, tars_only)]
-    _put(fs, {name: b"" for name in names})
+    names = [join(in_root, name) for n in range(units * SHARDS_PER_UNIT) for name in shard_files(n)]
+    _put(fs, {name: b"" for name in names}, server)
     listed = _kept_listing(fs, input_uri, output_uri, names, storage_options)
     planned = plan_units(shards_from(listed.listing), SHARDS_PER_UNIT).work_units()
     assert len(planned) == units
@@ -131,7 +137,7 @@ def fabricate(units: int, input_uri: str, output_uri: str, record: dict[str, Any
                 objects[join(out_root, name)] = data
                 adds.append(AddAction(name, len(data), {bands.COLUMN: band}, now_ms, True,
                                       json.dumps({"numRecords": 1})))
-        _put(out_fs, objects)
+        _put(out_fs, objects, server)
         properties = CommitProperties(app_transactions=[Transaction(u.unit_id, 1) for u in batch],
                                       custom_metadata={UNIT_KEY: "fabricated"})
         if start == 0:
@@ -158,8 +164,8 @@ def fabricate(units: int, input_uri: str, output_uri: str, record: dict[str, Any
 def _kept_listing(fs: Any, input_uri: str, output_uri: str, names: list[str], storage_options: dict[str, Any]) -> Any:
     """The input's listing, as the first run that scored it keeps it (pipeline.io.listing). On a local disk that
     run's full listing is made here; on S3 it is written from what was put, since moto answers each listing
-    page by sorting the whole bucket: a full listing of 232,000 objects there takes most of an hour, against
-    about a minute at S3's own rate of 1,000 keys per request. An S3 ETag of a single-part upload is the MD5 of
+    page by sorting the whole bucket: a full listing of 696,000 objects there takes hours, against a few
+    minutes at S3's own rate of 1,000 keys per request. An S3 ETag of a single-part upload is the MD5 of
     its bytes, here of nothing."""
     import hashlib
 
@@ -231,18 +237,37 @@ def commands(input_uri: str, output_uri: str, options: dict[str, Any], head_args
     }
 
 
+@dataclass(frozen=True)
+class Timed:
+    store: str
+    units: int
+    label: str
+    wall: float
+    rss: float
+    last: str
+    served: dict[str, tuple[int, float]]  # kind -> (requests, seconds) the S3 server answered for the command
+
+    @property
+    def listing_s(self) -> float:
+        """Seconds the S3 server spent answering LIST pages (moto's own cost; 0 on a local disk)."""
+        return self.served.get("LIST", (0, 0.0))[1]
+
+    def line(self) -> str:
+        served = "  ".join(f"{kind} {count} ({seconds:.2f} s)" for kind, (count, seconds) in sorted(self.served.items()))
+        return (f"  {self.label:26s} {self.wall:7.2f} s {self.rss:8.0f} MiB   {self.last[:90]}"
+                + (f"\n  {'':26s} server: {served}" if served else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, nargs="+", default=[1000, 10000, 58000])
     parser.add_argument("--stores", nargs="+", default=["local", "s3"], choices=("local", "s3"))
-    parser.add_argument("--s3-sidecars-up-to", type=int, default=10000, metavar="UNITS",
-                        help="on S3, larger outputs get tars alone (no sidecar or stats file): moto needs most of an "
-                             "hour per 232,000 objects it stores")
     parser.add_argument("--no-optimize", dest="optimize", action="store_false",
                         help="skip `aesthetics optimize` and the commands timed again after it")
     args = parser.parse_args(argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+    from bench.s3_server import S3Server, difference
     from bench.table import text_table
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-scale-"))
@@ -253,9 +278,23 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         options: dict[str, Any] = {}
         if "s3" in args.stores:
-            server = _start_moto(scratch, env)
-            options = {"endpoint_url": server[1]}
-        results = []
+            server = S3Server()
+            options = {"endpoint_url": server.endpoint}
+            for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
+                os.environ[name] = env[name] = value
+
+        def timed(store: str, units: int, label: str, command: list[str]) -> Timed:
+            counted = server is not None and store == "s3"
+            before = server.served() if counted else {}
+            wall, rss, last = measure(command, env)
+            served = difference(server.served(), before) if counted else {}
+            result = Timed(store, units, label, wall, rss, last, served)
+            results.append(result)
+            print(result.line(), flush=True)
+            return result
+
+        results: list[Timed] = []
         for store in args.stores:
             for units in args.units:
                 name = f"{store}-{units}"
@@ -264,91 +303,77 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     # The input and the output in buckets of their own, as a deployment keeps them.
                     for bucket in (f"scale-{units}-shards", f"scale-{units}-scores"):
-                        _make_bucket(server[1], bucket)
+                        server.create_bucket(bucket)
                     input_uri, output_uri = f"s3://scale-{units}-shards/shards", f"s3://scale-{units}-scores/scores"
                     opts = options
-                tars_only = store == "s3" and units > args.s3_sidecars_up_to
-                seconds = fabricate(units, input_uri, output_uri, record, files, opts, tars_only)
-                print(f"{name}: fabricated in {seconds:.0f} s ({'tars only' if tars_only else 'tar, sidecar and stats file'}"
-                      f" per shard)", flush=True)
+                seconds = fabricate(units, input_uri, output_uri, record, files, opts, server)
+                print(f"{name}: fabricated in {seconds:.0f} s (tar, sidecar and stats file per shard)", flush=True)
+                if store == "s3":
+                    print(f"  one empty listing page of the input on this server: {_one_page(input_uri, units, opts):.2f} s "
+                          f"({units * SHARDS_PER_UNIT * len(shard_files(0)):,} objects in its bucket)", flush=True)
                 for label, command in commands(input_uri, output_uri, opts, head_args).items():
                     if label == "list the input" and store == "s3" and units > FULL_LISTING_ON_MOTO:
                         print(f"  {label:26s} not timed: moto sorts the whole bucket for every page", flush=True)
                         continue
                     if label == "nightly, 100 new shards":
-                        _add_new_shards(input_uri, units, opts, tars_only)
-                    wall, rss, last = measure(command, env)
-                    results.append((store, units, label, wall, rss, last))
-                    print(f"  {label:26s} {wall:7.2f} s {rss:8.0f} MiB   {last[:90]}", flush=True)
+                        _add_new_shards(input_uri, units, opts, server)
+                    timed(store, units, label, command)
                 if args.optimize:
                     runs = commands(input_uri, output_uri, opts, head_args)
                     optimize = [*runs["cutoffs"][:3], "optimize", output_uri, *runs["cutoffs"][5:]]
-                    for label, command in [("optimize", optimize)] + [
-                            (f"{label}, optimized", runs[label]) for label in AFTER_OPTIMIZE]:
-                        wall, rss, last = measure(command, env)
-                        results.append((store, units, label, wall, rss, last))
-                        print(f"  {label:26s} {wall:7.2f} s {rss:8.0f} MiB   {last[:90]}", flush=True)
+                    timed(store, units, "optimize", optimize)
+                    for label in AFTER_OPTIMIZE:
+                        timed(store, units, f"{label}, optimized", runs[label])
                 if store == "local":
                     shutil.rmtree(scratch / name, ignore_errors=True)
         print()
-        print(text_table(["store", "units", "command", "wall s", "peak RSS MiB"],
-                         [[s, f"{u:,}", c, f"{w:.2f}", f"{r:.0f}"] for s, u, c, w, r, _ in results]))
+        print(text_table(["store", "units", "command", "wall s", "of which LIST on the server s", "peak RSS MiB"],
+                         [[r.store, f"{r.units:,}", r.label, f"{r.wall:.2f}",
+                           f"{r.listing_s:.2f}" if r.store == "s3" else "", f"{r.rss:.0f}"] for r in results]))
         _verdicts(results)
     finally:
         if server is not None:
-            server[0].terminate()
+            server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 
-def _verdicts(results: list[tuple]) -> None:
-    by_key = {(store, units, label): wall for store, units, label, wall, _, _ in results}
-    for (store, units, label), wall in sorted(by_key.items()):
+def _verdicts(results: list[Timed]) -> None:
+    by_key = {(r.store, r.units, r.label): r for r in results}
+    for (store, units, label), result in sorted(by_key.items()):
         if store == "s3" and units == 58000 and label in TARGETS_58K_S3:
             target = TARGETS_58K_S3[label]
-            print(f"target at 58,000 units on S3: {label} {wall:.2f} s (<= {target:g} s): "
-                  f"{'met' if wall <= target else 'NOT met'}")
+            print(f"target at 58,000 units on S3: {label} {result.wall:.2f} s (<= {target:g} s): "
+                  f"{'met' if result.wall <= target else 'NOT met'}")
         small = by_key.get((store, 1000, label))
         if units > 1000 and small:
-            print(f"{store} {label}: {units:,} units / 1,000 units = {wall / small:.2f}x "
-                  f"({'within' if wall <= 2 * small else 'NOT within'} 2x)")
+            ratio = result.wall / small.wall
+            text = f"{store} {label}: {units:,} units / 1,000 units = {ratio:.2f}x ({'within' if ratio <= 2 else 'NOT within'} 2x)"
+            if store == "s3" and (result.listing_s or small.listing_s):
+                apart = (result.wall - result.listing_s) / (small.wall - small.listing_s)
+                text += (f"; without the server's LIST seconds {apart:.2f}x "
+                         f"({'within' if apart <= 2 else 'NOT within'} 2x)")
+            print(text)
 
 
-def _start_moto(scratch: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    moto = Path(sys.executable).parent / "moto_server"
-    process = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
-        os.environ[name] = env[name] = value
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    return process, endpoint
-
-
-def _make_bucket(endpoint: str, bucket: str) -> None:
+def _one_page(input_uri: str, units: int, options: dict[str, Any]) -> float:
+    """Seconds for one listing page after the input's last key: what S3 answers at once, moto by sorting."""
     import boto3
 
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    bucket, prefix = input_uri[len("s3://"):].split("/", 1)
+    client = boto3.client("s3", endpoint_url=options["endpoint_url"], region_name="us-east-1")
+    last = f"{prefix}/{shard_files(units * SHARDS_PER_UNIT - 1)[-1]}"
+    started = time.perf_counter()
+    client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/", StartAfter=last)
+    return time.perf_counter() - started
 
 
-def _add_new_shards(input_uri: str, units: int, options: dict[str, Any], tars_only: bool) -> None:
+def _add_new_shards(input_uri: str, units: int, options: dict[str, Any], server: Any) -> None:
     from pipeline.io.storage import filesystem, join
 
     fs, root = filesystem(input_uri, options)
     first = units * SHARDS_PER_UNIT
-    _put(fs, {join(root, name): b"" for n in range(first, first + NEW_SHARDS) for name in shard_files(n, tars_only)})
+    _put(fs, {join(root, name): b"" for n in range(first, first + NEW_SHARDS) for name in shard_files(n)}, server)
 
 
 if __name__ == "__main__":
