@@ -22,7 +22,7 @@ from pipeline.config import ScoreConfig
 from pipeline.cutoffs import CutoffTable, write_cutoffs
 from pipeline.errors import OutputError
 from pipeline.housekeeping import Optimized, compact_when_fragmented
-from pipeline.io import layout
+from pipeline.io import layout, runs
 from pipeline.io import units as unit_table
 from pipeline.io.commits import UnitCommitter
 from pipeline.io.lease import Lease
@@ -50,6 +50,7 @@ class RunSummary:
     units_done_before: int
     units_committed: list[str] = field(default_factory=list)
     units_failed: dict[str, str] = field(default_factory=dict)
+    units_failing: dict[str, str] = field(default_factory=dict)  # failed and not committed since, over all runs
     units_stale: list[str] = field(default_factory=list)
     pending_reasons: dict[str, str] = field(default_factory=dict)
     rows: int = 0
@@ -190,6 +191,9 @@ def run_prepared(prepared: PreparedRun, run_id: str | None = None, embed_loader:
         if fs.exists(own_staging):  # what is left belongs to failed units: the next run redoes them
             fs.rm(own_staging, recursive=True)
         summary.cutoffs = write_cutoffs(config.output, config.storage_options)
+        before = runs.failing(runs.latest(config.output, config.storage_options), config.output,
+                              config.storage_options)
+        summary.units_failing = runs.carried_forward(before, run_id, summary.units_committed, summary.units_failed)
         summary.wall_s = round(time.time() - started, 3)
         write_json_atomic(fs, layout.run_file(root, run_id), summary.to_json())
     finally:

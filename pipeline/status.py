@@ -1,7 +1,7 @@
 """`aesthetics status`: which units are done, pending or failed, by model version, and why.
 
-Everything comes from the output prefix itself: the unit table says what is committed, run summaries
-say what the last runs tried and what failed, and the last run's input is listed again to find
+Everything comes from the output prefix itself: the unit table says what is committed, the last run's
+summary says what it tried and which units are still failing, and the last run's input is listed again to find
 what is pending (from where the output's kept listing of it ended: pipeline.io.listing).
 """
 
@@ -13,9 +13,8 @@ from typing import Any, Mapping, Sequence
 import pyarrow.compute as pc
 
 from pipeline.config import InputConfig, ListingConfig
-from pipeline.io import layout
+from pipeline.io import runs
 from pipeline.io.listing import list_input_entries
-from pipeline.io.storage import filesystem, join, read_json
 from pipeline.io.units import Committed
 from pipeline.planning import STALE, unit_verdicts
 from pipeline.sources import list_input
@@ -51,39 +50,25 @@ class StatusReport:
         return "\n".join(lines)
 
 
-def read_run_summaries(output: str, storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    fs, root = filesystem(output, storage_options)
-    folder = join(root, layout.RUNS)
-    if not fs.exists(folder):
-        return []
-    runs = [read_json(fs, p) for p in fs.find(folder) if p.endswith(".json")]
-    return sorted(runs, key=lambda r: r["run_id"])
-
-
 def unit_status(output: str, inputs: Sequence[str] | None = None, model_key: str | None = None,
                 shards_per_unit: int | None = None, storage_options: Mapping[str, Any] | None = None,
                 listing: ListingConfig = ListingConfig()) -> StatusReport:
     """What is done, pending and failed. The input is listed from where the output's kept listing ended, when
     that listing allows it (pipeline.io.listing); status never writes the kept listing."""
     committed = Committed.read(output, storage_options)
-    runs = read_run_summaries(output, storage_options)
-    report = StatusReport(output=output, last_run=runs[-1] if runs else None)
+    last = runs.latest(output, storage_options)
+    report = StatusReport(output=output, last_run=last, failed=runs.failing(last, output, storage_options))
     by_model = committed.table.group_by("model_key").aggregate([([], "count_all"), ("rows", "sum")])
     for key, units, rows in zip(by_model["model_key"].to_pylist(), by_model["count_all"].to_pylist(),
                                 by_model["rows_sum"].to_pylist()):
         report.committed_by_model[key] = units
         report.rows_by_model[key] = rows or 0
-    for run in runs:  # later runs overwrite earlier verdicts
-        for unit, why in run.get("units_failed", {}).items():
-            report.failed[unit] = f"{why} (run {run['run_id']})"
-        for unit in run.get("units_committed", []):
-            report.failed.pop(unit, None)
-    report.input = list(inputs or (runs[-1].get("input", []) if runs else []))
-    key = model_key or (runs[-1].get("model_key") if runs else None)
+    last = last or {}
+    report.input = list(inputs or last.get("input", []))
+    key = model_key or last.get("model_key")
     if report.input:
-        per_unit = (shards_per_unit or committed.shards_per_unit()
-                    or (runs[-1].get("shards_per_unit") if runs else None) or 4)
-        input_config = InputConfig(**((runs[-1].get("source") if runs else None) or {}))
+        per_unit = shards_per_unit or committed.shards_per_unit() or last.get("shards_per_unit") or 4
+        input_config = InputConfig(**(last.get("source") or {}))
         listed = list_input_entries(report.input, storage_options, output, listing)
         report.listed = listed.describe()
         source, items = list_input(report.input, storage_options, input_config, listed.listing)
