@@ -3,8 +3,9 @@
 A real run (img2dataset shards, local Ray, tiny model) gives one unit's files and record. Each output is
 then fabricated from it: 4 numbered shards per unit in an input prefix, each its tar, Parquet sidecar and stats
 file as img2dataset writes them, the unit's band files copied per unit, the data table committed in batches of units (each carrying its app transactions), the unit table
-written with one row per unit, both checkpointed, as a long history of per-unit commits leaves them, and the
-input's listing kept in the output as the run that scored it keeps it (pipeline.io.listing).
+written with one row per unit, both checkpointed, as a long history of per-unit commits leaves them, the
+input's listing kept in the output as the run that scored it keeps it (pipeline.io.listing), and a year of
+nightly run summaries.
 Each command then runs in a subprocess of its own, and its wall seconds and peak RSS (the process's own
 ``ru_maxrss``) are printed:
 
@@ -44,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARDS_PER_UNIT = 4
 NEW_SHARDS = 100
 BATCH_UNITS = 2000  # units per fabricated data commit
+RUN_HISTORY = 365  # run summaries in each output: a year of nightly runs
 FULL_LISTING_ON_MOTO = 10000  # units; beyond, a full listing on moto takes most of an hour (see _kept_listing)
 
 AFTER_OPTIMIZE = ("cutoffs", "status", "Polars open", "DuckDB open")  # timed again on the compacted tables
@@ -156,9 +158,24 @@ def fabricate(units: int, input_uri: str, output_uri: str, record: dict[str, Any
             rows.append(unit_table.to_row(unit_record, 1, version))
     unit_table.append(output_uri, rows, storage_options)
     listed.save()  # as the run that committed them keeps it
+    _put(out_fs, _run_history(out_root, input_uri, units, record), server)
     for uri in (output_uri, unit_table.units_uri(output_uri)):
         DeltaTable(table_uri(uri), storage_options=storage_options_for(uri, storage_options)).create_checkpoint()
     return time.perf_counter() - started
+
+
+def _run_history(out_root: str, input_uri: str, units: int, record: dict[str, Any]) -> dict[str, bytes]:
+    """A year of nightly runs' summaries, as the runner writes them (``status`` reads the latest)."""
+    from pipeline.io import layout
+    from pipeline.runner import RunSummary
+
+    objects, now = {}, time.time()
+    for night in range(RUN_HISTORY):
+        run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now - (RUN_HISTORY - night) * 86400)) + f"-{night:06x}"
+        summary = RunSummary(run_id=run_id, output=out_root, input=[input_uri], shards_per_unit=SHARDS_PER_UNIT,
+                             model_key=record["model_key"], units_total=units, units_done_before=units)
+        objects[layout.run_file(out_root, run_id)] = json.dumps(summary.to_json()).encode()
+    return objects
 
 
 def _kept_listing(fs: Any, input_uri: str, output_uri: str, names: list[str], storage_options: dict[str, Any]) -> Any:

@@ -115,12 +115,14 @@ def shards_from(listing: Listing) -> ShardTable:
     sidecars = files.filter(pc.ends_with(files["uri"], SIDECAR_SUFFIX))["uri"]
     tar_bases = pc.utf8_slice_codeunits(tars["uri"], 0, -len(TAR_SUFFIX))
     sidecar_bases = pc.utf8_slice_codeunits(sidecars, 0, -len(SIDECAR_SUFFIX))
-    with_tars = pa.table({"name": tars["uri"], "tar": tars["uri"],
-                          "sidecar": sidecars.take(pc.index_in(tar_bases, value_set=sidecar_bases.combine_chunks())),
+    sidecar_of_tar = pc.index_in(tar_bases, value_set=sidecar_bases.combine_chunks())
+    with_tars = pa.table({"name": tars["uri"], "tar": tars["uri"], "sidecar": sidecars.take(sidecar_of_tar),
                           "size": tars["size"], "etag": tars["etag"]})
     # A sidecar without its tar is a shard whose downloads all failed, or whose tar is yet to come; a Parquet
     # file beside no tar whose name is not a number is no img2dataset sidecar (stats, other tables).
-    alone = pc.invert(pc.is_in(sidecar_bases, value_set=tar_bases.combine_chunks()))
+    paired = np.zeros(len(sidecars), dtype=bool)
+    paired[sidecar_of_tar.drop_null().to_numpy()] = True
+    alone = pa.array(~paired)
     lonely = sidecars.filter(alone).filter(pc.ascii_is_decimal(_basename(sidecar_bases.filter(alone))))
     if not len(lonely):
         return ShardTable(with_tars)  # in the listing's order: sorted by name
