@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
                 os.environ[name] = env[name] = value
 
+        results: list[Timed] = []
+
         def timed(store: str, units: int, label: str, command: list[str]) -> Timed:
             counted = server is not None and store == "s3"
             before = server.served() if counted else {}
@@ -311,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
             print(result.line(), flush=True)
             return result
 
-        results: list[Timed] = []
         for store in args.stores:
             for units in args.units:
                 name = f"{store}-{units}"

@@ -63,12 +63,12 @@ def unit_status(output: str, inputs: Sequence[str] | None = None, model_key: str
                                 by_model["rows_sum"].to_pylist()):
         report.committed_by_model[key] = units
         report.rows_by_model[key] = rows or 0
-    last = last or {}
-    report.input = list(inputs or last.get("input", []))
-    key = model_key or last.get("model_key")
+    known = last or {}  # what the last run was given, for what this call is not
+    report.input = list(inputs or known.get("input", []))
+    key = model_key or known.get("model_key")
     if report.input:
-        per_unit = shards_per_unit or committed.shards_per_unit() or last.get("shards_per_unit") or 4
-        input_config = InputConfig(**(last.get("source") or {}))
+        per_unit = shards_per_unit or committed.shards_per_unit() or known.get("shards_per_unit") or 4
+        input_config = InputConfig(**(known.get("source") or {}))
         listed = list_input_entries(report.input, storage_options, output, listing)
         report.listed = listed.describe()
         source, items = list_input(report.input, storage_options, input_config, listed.listing)
