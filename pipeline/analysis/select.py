@@ -50,7 +50,6 @@ fetched from its shard with one ranged read, with ``.txt`` caption and ``.json``
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import io
 import json
@@ -72,7 +71,7 @@ from pipeline import schema as S
 from pipeline.analysis.reading import fetch_images
 from pipeline.config import TINY_MODEL, ModelConfig
 from pipeline.index import describe, open_index, stale_units
-from pipeline.io.delta import embeddings_of, open_table
+from pipeline.io.delta import embeddings_of, open_table, snapshot_files
 from pipeline.io.storage import filesystem, full_uri, join, write_bytes_atomic
 from pipeline.io.units import read_units
 from pipeline.io.units import versions as unit_versions
@@ -298,29 +297,17 @@ def plan_files(output: str, records: Mapping[str, Mapping[str, Any]], model_iden
     table = open_table(output, storage_options) if wanted else None
     if table is None:
         return FilePlan([], 0, 0, only)
-    actions = pa.table(table.get_add_actions(flatten=True))
-    count = actions.num_rows
-
-    def column(name: str) -> list[Any]:
-        return actions[name].to_pylist() if name in actions.column_names else [None] * count
-
     fs, root = filesystem(output, storage_options)
     uris, rows, skipped = [], 0, 0
-    for path, records_in_file, band, low, high in zip(
-            column("path"), column("num_records"), column(f"partition.{bands.COLUMN}"),
-            column(f"min.{S.UNIT}"), column(f"max.{S.UNIT}")):
-        if band == bands.UNSCORED:
+    for file in snapshot_files(table):
+        if file.band == bands.UNSCORED or not file.may_hold(wanted):
             continue
-        if low is not None and high is not None:
-            first = bisect.bisect_left(wanted, low)
-            if first == len(wanted) or wanted[first] > high:
-                continue
-        low_high = bands.RANGES.get(band)
+        low_high = bands.RANGES.get(file.band)
         if min_score is not None and low_high is not None and low_high[1] <= min_score:
             skipped += 1
             continue
-        uris.append(full_uri(fs, join(root, path)))
-        rows += int(records_in_file or 0)
+        uris.append(full_uri(fs, join(root, file.path)))
+        rows += file.rows
     return FilePlan(uris, rows, skipped, only)
 
 

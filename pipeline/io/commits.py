@@ -32,7 +32,14 @@ import pyarrow.parquet as pq
 from pipeline import bands
 from pipeline import schema as S
 from pipeline.io import units
-from pipeline.io.delta import add_missing_columns, open_table, storage_options_for, table_uri
+from pipeline.io.delta import (
+    SnapshotFile,
+    add_missing_columns,
+    open_table,
+    snapshot_files,
+    storage_options_for,
+    table_uri,
+)
 from pipeline.io.storage import filesystem, join
 
 log = logging.getLogger(__name__)
@@ -176,26 +183,21 @@ class _Snapshot:
     """The data files of a snapshot: each unit's own files, and the compacted files units share."""
 
     own: dict[str, list[tuple[str, str]]]  # unit -> [(path, band)] of its <unit>.v<version>.parquet files
-    shared: list[tuple[str | None, str | None]]  # (lowest, highest) unit in each compacted file
+    shared: list[SnapshotFile]  # the compacted files
 
     @classmethod
     def of(cls, table: Any) -> "_Snapshot":
         own: dict[str, list[tuple[str, str]]] = {}
-        shared: list[tuple[str | None, str | None]] = []
+        shared: list[SnapshotFile] = []
         if table is None:
             return cls(own, shared)
-        actions = pa.table(table.get_add_actions(flatten=True)).to_pydict()
-        count = len(actions["path"])
-        bands_of = actions.get(f"partition.{bands.COLUMN}") or [None] * count
-        lows = actions.get(f"min.{S.UNIT}") or [None] * count
-        highs = actions.get(f"max.{S.UNIT}") or [None] * count
-        for path, band, low, high in zip(actions["path"], bands_of, lows, highs):
-            if _VERSIONED_NAME.match(path.rsplit("/", 1)[-1]):
-                own.setdefault(unit_of_path(path), []).append((path, band))
+        for file in snapshot_files(table):
+            if _VERSIONED_NAME.match(file.path.rsplit("/", 1)[-1]):
+                own.setdefault(unit_of_path(file.path), []).append((file.path, file.band))
             else:
-                shared.append((low, high))
+                shared.append(file)
         return cls(own, shared)
 
     def shared_with(self, unit_id: str) -> bool:
         """Whether a compacted file may hold rows of the unit (a file without bounds may hold any)."""
-        return any(low is None or high is None or low <= unit_id <= high for low, high in self.shared)
+        return any(file.may_hold([unit_id]) for file in self.shared)

@@ -12,14 +12,17 @@ back: the low mantissa bits are all zero). Every engine reads it as a float arra
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import bands
 from pipeline import schema as S
 from pipeline.io.storage import s3_options
 
@@ -112,6 +115,37 @@ def _rounded_up_prefix(text: str) -> str:
         if code <= 0x10FFFF:
             return text[:i] + chr(code)
     return text
+
+
+@dataclass(frozen=True)
+class SnapshotFile:
+    """A data file of a snapshot, as its add action describes it."""
+
+    path: str  # relative to the table's root
+    band: str | None
+    rows: int
+    lowest_unit: str | None  # the range of units the file's statistics give (None: no statistics)
+    highest_unit: str | None
+
+    def may_hold(self, sorted_units: Sequence[str]) -> bool:
+        """Whether rows of any of ``sorted_units`` can be in the file (a file without bounds may hold any)."""
+        if self.lowest_unit is None or self.highest_unit is None:
+            return bool(sorted_units)
+        first = bisect.bisect_left(sorted_units, self.lowest_unit)
+        return first < len(sorted_units) and sorted_units[first] <= self.highest_unit
+
+
+def snapshot_files(table: Any) -> list[SnapshotFile]:
+    """The data files of the Delta table's snapshot, read from its add actions alone (no file is opened)."""
+    actions = pa.table(table.get_add_actions(flatten=True))
+    count = actions.num_rows
+
+    def column(name: str) -> list[Any]:
+        return actions[name].to_pylist() if name in actions.column_names else [None] * count
+
+    return [SnapshotFile(path, band, int(rows or 0), low, high) for path, band, rows, low, high in zip(
+        column("path"), column(f"partition.{bands.COLUMN}"), column("num_records"),
+        column(f"min.{S.UNIT}"), column(f"max.{S.UNIT}"))]
 
 
 def committed_files(output: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:

@@ -106,10 +106,11 @@ def list_input_entries(inputs: Sequence[str], storage_options: Mapping[str, Any]
     folders: list[FolderListing] = []
     for pattern in inputs:
         fs, path = filesystem(pattern, storage_options)
-        if output is None or any(c in path for c in _GLOB_CHARS) or not _is_folder(fs, path):
+        kept = None if output is None or any(c in path for c in _GLOB_CHARS) else _read(output, storage_options, pattern)
+        # A kept listing says the pattern was a folder; asking the store again costs a LIST on every run.
+        if kept is None and (output is None or any(c in path for c in _GLOB_CHARS) or not _is_folder(fs, path)):
             tables.append(Listing.of(list_entries([pattern], storage_options)).table)
         else:
-            kept = _read(output, storage_options, pattern)
             folder = _list_folder(fs, path, pattern, storage_options, kept, config, now)
             folders.append(folder)
             tables.append(folder.listed())
@@ -137,6 +138,8 @@ def _list_folder(fs: Any, path: str, pattern: str, storage_options: Mapping[str,
         fresh = _list_after(fs, path, start)
     except PermissionError as error:
         raise InputError(f"cannot list the input {pattern!r}: permission denied ({error})") from error
+    except FileNotFoundError:  # the folder is gone: the full listing says so in its own words
+        return _list_folder(fs, path, pattern, storage_options, kept, ListingConfig(mode="full"), now)
     keep = kept.files.num_rows - OVERLAP if start is not None else 0  # the kept files up to and with ``start``
     files = pa.concat_tables([kept.files.slice(0, keep), _files(fresh)])
     return FolderListing(pattern, kept.root, files, kept.full_listed_at, True, kept.format,
@@ -162,14 +165,8 @@ def _list_after(fs: Any, path: str, start: str | None) -> list[tuple[str, int, s
     if protocol in ("s3", "s3a"):
         return _s3_list_after(fs, path, start)
     if protocol in ("file", "local"):
-        found = []
-        root = full_uri(fs, path).rstrip("/") or "/"  # a local URI is the absolute path: names compare as they are
-        for folder, _, files in os.walk(root, followlinks=True):
-            for name in files:
-                uri = f"{folder}/{name}"
-                if start is None or uri > start:  # only the new names are stat'ed
-                    entry = Entry(uri, fs.info(uri), "")
-                    found.append((uri, entry.size, entry.etag))
+        found: list[tuple[str, int, str | None]] = []
+        _local_list_after(fs, full_uri(fs, path).rstrip("/") or "/", start, found)
         return sorted(found)
     found = []  # any other store: a full listing, cut
     for name, info in fs.find(path, detail=True).items():
@@ -178,6 +175,29 @@ def _list_after(fs: Any, path: str, start: str | None) -> list[tuple[str, int, s
             entry = Entry(uri, info, "")
             found.append((uri, entry.size, entry.etag))
     return sorted(found)
+
+
+def _local_list_after(fs: Any, folder: str, start: str | None, found: list[tuple[str, int, str | None]]) -> None:
+    """Append the files under the local ``folder`` whose URI (the absolute path) sorts after ``start``.
+
+    A folder has no StartAfter: its names are read, but only those that can sort after ``start`` are stat'ed
+    or descended into. A name sorting before ``start``'s next component holds nothing new unless that
+    component begins with it ("a" before "a.tar": a folder "a" sorts after it, its files with it)."""
+    prefix = f"{folder.rstrip('/')}/"
+    if start is not None and not start.startswith(prefix):
+        if prefix < start:
+            return  # everything under the folder sorts before start
+        start = None  # everything under it sorts after
+    rest = start[len(prefix):] if start is not None else ""
+    names = os.listdir(folder)
+    for name in [n for n in names if n > rest or rest.startswith(n)] if rest else names:
+        uri = prefix + name
+        info = fs.info(uri)
+        if info.get("type") == "directory":
+            _local_list_after(fs, uri, start, found)
+        elif start is None or uri > start:
+            entry = Entry(uri, info, "")
+            found.append((uri, entry.size, entry.etag))
 
 
 def _s3_list_after(fs: Any, path: str, start: str | None) -> list[tuple[str, int, str | None]]:

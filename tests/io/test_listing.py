@@ -7,8 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import ListingConfig
+from pipeline.errors import InputError
 from pipeline.io import listing
 from pipeline.sources.base import list_entries
 
@@ -62,6 +64,36 @@ def test_a_late_sidecar_and_a_rewritten_recent_shard_are_seen_in_the_overlap(tmp
     again = listing.list_input_entries([str(shards)], {}, output)
     assert "listed after 00000.parquet" in again.folders[0].how
     assert _same(again.listing.entries) == _same(list_entries([str(shards)]))
+
+
+def test_on_a_local_disk_only_names_that_can_sort_after_the_kept_end_are_stat_ed(
+        tmp_path, small_overlap, monkeypatch) -> None:
+    shards, output = tmp_path / "shards", str(tmp_path / "out")
+    _write(shards, "0-early/00000.tar", *(f"{n:05d}.tar" for n in range(6)))
+    _keep(listing.list_input_entries([str(shards)], {}, output))
+    # A folder named like the resume point's shard sorts after it ("00003/" > "00003.tar"), as does "later/".
+    _write(shards, "00003/00000.tar", "00006.tar", "later/00000.tar")
+
+    stat_ed: list[str] = []
+    info = LocalFileSystem.info
+    monkeypatch.setattr(LocalFileSystem, "info", lambda fs, path, **kw: stat_ed.append(path) or info(fs, path, **kw))
+    again = listing.list_input_entries([str(shards)], {}, output)
+    below = sorted(Path(p).relative_to(shards).as_posix() for p in stat_ed if Path(p) != shards)
+    assert again.folders[0].how == "5 kept, 5 listed after 00003.tar"
+    assert _same(again.listing.entries) == _same(list_entries([str(shards)]))
+    assert below == [
+        "00003", "00003.tar", "00003/00000.tar", "00004.tar", "00005.tar", "00006.tar", "later", "later/00000.tar"]
+
+
+def test_a_kept_folder_that_is_gone_is_named_in_one_line(tmp_path) -> None:
+    shards, output = tmp_path / "shards", str(tmp_path / "out")
+    _write(shards, "00000.tar", "00001.tar")
+    _keep(listing.list_input_entries([str(shards)], {}, output))
+    for path in shards.iterdir():
+        path.unlink()
+    shards.rmdir()
+    with pytest.raises(InputError, match="does not exist"):
+        listing.list_input_entries([str(shards)], {}, output)
 
 
 def test_a_file_before_the_kept_end_waits_for_the_next_full_listing_which_stops_trusting_the_order(
