@@ -91,8 +91,9 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything and print the plan (units done, to do and why); write nothing")
     parser.add_argument("--compact-at", type=int, metavar="FILES",
-                        help="compact the output's data files at the end of the run once this many are small "
-                             "(default 1000; 0: never, `aesthetics optimize` does it by hand)")
+                        help="compact the output's data files once this many are small, looking each time the run "
+                             "has committed this many more and at its end (default 1000; 0: never, `aesthetics "
+                             "optimize` does it by hand)")
     add_storage_options(parser)
 
 
@@ -241,8 +242,9 @@ def print_summary(summary: Any) -> None:
           f"wall {summary.wall_s:.1f}s")
     for unit_id, reason in summary.units_failed.items():
         print(f"  FAILED {unit_id}: {reason}", file=sys.stderr)
-    if summary.compacted is not None:
-        print(f"compacted {summary.compacted.files_removed} small data files into {summary.compacted.files_added}")
+    if summary.compacted:
+        removed, added = (sum(getattr(c, name) for c in summary.compacted) for name in ("files_removed", "files_added"))
+        print(f"compacted the data table {len(summary.compacted)} time(s): {removed} small files rewritten into {added}")
     for table in summary.cutoffs:
         print()
         print(table.to_markdown())

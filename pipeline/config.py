@@ -90,7 +90,7 @@ TINY_MODEL = "tiny-random"
 # The same tiny architecture under a name that takes a weights file (a fine-tuned tiny model, in tests).
 TINY_ARCH = "tiny-arch"
 DEFAULT_PRETRAINED = "openai"
-# Data files under the target size that make a run compact the output at its end: enough that a nightly run
+# Data files under the target size that make a run compact the output: enough that a nightly run
 # adding a few units does not rewrite the last partial file of every band each night.
 DEFAULT_COMPACT_AT = 1000
 
@@ -276,7 +276,8 @@ class ScoreConfig:
     # the sha256 of the list file is pinned before the run and is part of the units' model key.
     exclude_hashes: str | None = None
     exclude_hashes_sha256: str | None = None
-    # The run compacts the data table at its end once this many of its files are small (0: never).
+    # The run compacts the data table once this many of its files are small (0: never), looking each time it
+    # has committed this many more files and at its end.
     compact_at: int = DEFAULT_COMPACT_AT
 
     def __post_init__(self) -> None:

@@ -18,6 +18,8 @@ file count, which per-unit commits would otherwise grow without bound.
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -30,6 +32,8 @@ from pipeline.errors import InputError
 from pipeline.io import units
 from pipeline.io.delta import open_table
 from pipeline.io.lease import Lease
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_HOURS = 168  # Delta's own default: a week of time travel
 DEFAULT_TARGET_SIZE_MB = 256
@@ -87,6 +91,38 @@ def compact_when_fragmented(output: str, storage_options: Mapping[str, Any] | No
     if small < at:
         return None
     return _compact(data, output, target_size_mb, (), storage_options)
+
+
+class CompactionsDuringRun:
+    """A run's compactions: one each time ``at`` more data files were committed and the table then holds ``at``
+    small ones, so a long first run does not leave readers a file per unit and band until its end."""
+
+    def __init__(self, output: str, storage_options: Mapping[str, Any] | None, at: int):
+        self.output, self.storage_options, self.at = output, storage_options, at
+        self.done: list[Optimized] = []
+        self._looked_at = 0  # files_committed when the table was last looked at
+        self._busy = threading.Lock()
+
+    def after_commit(self, committer: Any) -> None:
+        """Called after each unit's commit, from any commit thread; one compaction at a time, others go on."""
+        if self.at <= 0 or committer.files_committed - self._looked_at < self.at or not self._busy.acquire(False):
+            return
+        try:
+            self._looked_at = committer.files_committed
+            done = committer.exclusively(lambda: compact_when_fragmented(self.output, self.storage_options, self.at))
+            if done is not None:
+                self.done.append(done)
+        except Exception as error:  # noqa: BLE001 - the unit is committed; the run's last look tries again
+            log.warning("%s: compacting while committing failed, left for the run's end: %s", self.output, error)
+        finally:
+            self._busy.release()
+
+    def at_end(self) -> Optimized | None:
+        """The run's last look, once every commit is in; what it compacted."""
+        done = compact_when_fragmented(self.output, self.storage_options, self.at)
+        if done is not None:
+            self.done.append(done)
+        return done
 
 
 def _compact(data: Any, output: str, target_size_mb: int, zorder_by: Sequence[str],

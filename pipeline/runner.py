@@ -21,7 +21,7 @@ from pipeline import schema as S
 from pipeline.config import ScoreConfig
 from pipeline.cutoffs import CutoffTable, write_cutoffs
 from pipeline.errors import OutputError
-from pipeline.housekeeping import Optimized, compact_when_fragmented
+from pipeline.housekeeping import CompactionsDuringRun, Optimized
 from pipeline.io import layout, runs
 from pipeline.io import units as unit_table
 from pipeline.io.commits import UnitCommitter
@@ -60,7 +60,7 @@ class RunSummary:
     tiny_random: bool = False
     cutoffs: list[CutoffTable] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)  # the input format and its options: status lists it again
-    compacted: Optimized | None = None  # the data table compacted at the run's end
+    compacted: list[Optimized] = field(default_factory=list)  # compactions of the data table, as committed and at the end
 
     @property
     def ok(self) -> bool:
@@ -89,8 +89,10 @@ def _remove_orphan_staging(config: ScoreConfig, run_id: str) -> None:
 
 def execute(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str, summary: RunSummary,
             identity: Mapping[str, Any], committer: UnitCommitter, embed_loader: Any = None,
-            on_commit: Callable[[dict[str, Any]], None] | None = None, exclusions: Any = None) -> None:
-    """Stream the pipeline; commit each unit the moment all its shards' rows have been staged."""
+            on_commit: Callable[[dict[str, Any]], None] | None = None, exclusions: Any = None,
+            after_commit: Callable[[UnitCommitter], None] | None = None) -> None:
+    """Stream the pipeline; commit each unit the moment all its shards' rows have been staged.
+    ``after_commit`` is called in the commit thread after each commit (a compaction)."""
     from pipeline.graph import build_dataset  # imports the stages: keep `plan` and `status` light
 
     started = time.time()
@@ -118,7 +120,7 @@ def execute(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str, summary
                     timings = {"first_rows_s": round(first_seen[unit_id], 3),
                                "all_rows_s": round(time.time() - started, 3)}
                     commits[unit_id] = threads.submit(
-                        commit_unit, committer, run_id, unit_id, by_id[unit_id].versions(), identity, timings)
+                        _commit, after_commit, committer, run_id, unit_id, by_id[unit_id].versions(), identity, timings)
 
     for unit_id in shard_names:
         if unit_id not in commits:
@@ -137,6 +139,14 @@ def execute(config: ScoreConfig, units: Sequence[WorkUnit], run_id: str, summary
             summary.counts_by_status[status] = summary.counts_by_status.get(status, 0) + count
         if on_commit:
             on_commit(record)
+
+
+def _commit(after_commit: Callable[[UnitCommitter], None] | None, committer: UnitCommitter,
+            *args: Any) -> dict[str, Any]:
+    record = commit_unit(committer, *args)
+    if after_commit:
+        after_commit(committer)
+    return record
 
 
 def run_score(config: ScoreConfig, run_id: str | None = None, embed_loader: Any = None,
@@ -180,12 +190,13 @@ def run_prepared(prepared: PreparedRun, run_id: str | None = None, embed_loader:
         _remove_orphan_staging(config, run_id)
         if plan.pending:
             ensure_ray()
+            compactions = CompactionsDuringRun(config.output, config.storage_options, config.compact_at)
             execute(config, plan.pending, run_id, summary, identity, committer, embed_loader=embed_loader,
-                    exclusions=prepared.exclusions)
+                    exclusions=prepared.exclusions, after_commit=compactions.after_commit)
             if summary.units_committed:
-                summary.compacted = compact_when_fragmented(config.output, config.storage_options, config.compact_at)
-                if summary.compacted is None:
+                if compactions.at_end() is None:  # it compacts the unit table too
                     unit_table.compact(config.output, config.storage_options)
+            summary.compacted = compactions.done
         fs, root = filesystem(config.output, config.storage_options)
         own_staging = layout.staging_dir(root, run_id, "").rstrip("/")
         if fs.exists(own_staging):  # what is left belongs to failed units: the next run redoes them

@@ -24,7 +24,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -43,6 +43,7 @@ from pipeline.io.delta import (
 from pipeline.io.storage import filesystem, join
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 UNIT_KEY, VERSION_KEY, RECORD_KEY = "aesthetics.unit", "aesthetics.unit_version", "aesthetics.unit_record"
 
@@ -82,6 +83,17 @@ class UnitCommitter:
         self._table = open_table(output, storage_options)
         self.roll_forward()
         self._snapshot: _Snapshot | None = None  # read on the first commit: a run with nothing to commit never pays
+        self.files_committed = 0  # data files this committer has added
+
+    def exclusively(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (a compaction) with no commit in flight, then read the table again: files it rewrote
+        are no longer any unit's own, and a unit scored again must replace its rows where they now lie."""
+        with self._lock:
+            try:
+                return work()
+            finally:
+                self._table = open_table(self.output, self.storage_options)
+                self._snapshot = None
 
     def _files(self) -> _Snapshot:
         if self._snapshot is None:
@@ -157,6 +169,7 @@ class UnitCommitter:
                     self._files().own[unit_id] = [(f.path, f.band) for f in files]
                 self._table.update_incremental()
             data_version = self._table.version()
+            self.files_committed += len(files)
             units.append(self.output, [units.to_row(record, version, data_version)], self.storage_options,
                          [(unit_id, version)])
             return data_version

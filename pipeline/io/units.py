@@ -109,9 +109,9 @@ def append(output: str, rows: Iterable[Mapping[str, Any]], storage_options: Mapp
 def read_table(output: str, storage_options: Mapping[str, Any] | None = None,
                columns: list[str] | None = None) -> pa.Table:
     """Every unit's current row (the highest ``unit_version``), as an Arrow table."""
-    refuse_earlier_layout(output, storage_options)
     table = open_table(units_uri(output), storage_options)
     if table is None:
+        refuse_earlier_layout(output, storage_options)  # only an output without a unit table can be one
         return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
     wanted = None if columns is None else sorted(set(columns) | {"unit", "unit_version"})
     rows = table.to_pyarrow_table(columns=wanted)

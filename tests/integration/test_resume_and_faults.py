@@ -21,7 +21,8 @@ from ray import cloudpickle
 from pipeline import schema as S
 from pipeline.config import DEFAULT_COMPACT_AT
 from pipeline.cutoffs import build_tables
-from pipeline.io.delta import committed_files
+from pipeline.io.commits import UNIT_KEY
+from pipeline.io.delta import committed_files, open_table
 from pipeline.io.units import read_facts, read_units
 from pipeline.runner import run_score
 from pipeline.status import unit_status
@@ -127,7 +128,12 @@ def test_nightly_scores_only_the_shards_that_arrived_since(nine_shards, scoring,
     config = dataclasses.replace(scoring.config(str(shards), output), compact_at=compact_at)
     first = run_score(config)
     assert len(first.units_committed) == 3
-    assert (first.compacted is not None) == (compact_at == 1)
+    assert bool(first.compacted) == (compact_at == 1)
+    if compact_at == 1:  # compacted while it committed, not only once at its end
+        history = open_table(output).history()
+        optimized = [entry["version"] for entry in history if entry.get("operation") == "OPTIMIZE"]
+        committed = [entry["version"] for entry in history if UNIT_KEY in entry]
+        assert optimized and min(optimized) < max(committed), history
     files_per_band = Counter(re.search(r"score_band=([^/]+)/", uri).group(1) for uri in committed_files(output))
     assert (max(files_per_band.values()) == 1) == (compact_at == 1), files_per_band
     before = read_units(output)
