@@ -14,7 +14,8 @@ from pipeline import bands
 from pipeline import schema as S
 from pipeline.cutoffs import LAION_PUBLISHED_COUNTS
 from pipeline.io import layout
-from pipeline.io.delta import committed_files
+from pipeline.io.commits import UNIT_KEY
+from pipeline.io.delta import committed_files, open_table
 from pipeline.io.storage import filesystem, read_json
 from pipeline.io.units import read_units
 from pipeline.runner import run_score
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def scored(sample_dataset, s3_server, ray_local, scoring, tmp_path_factory):
-    """Shards with one image replaced by garbage, uploaded to S3, scored once for the module."""
+    """Shards with one image replaced by garbage, uploaded to S3, scored once for the module, the table
+    compacted after every commit (so every check below also holds of rows in files units share)."""
     local = tmp_path_factory.mktemp("shards")
     shutil.copytree(sample_dataset.shards_dir, local, dirs_exist_ok=True)
     first_tar = sorted(local.glob("*.tar"))[0]
@@ -39,7 +41,7 @@ def scored(sample_dataset, s3_server, ray_local, scoring, tmp_path_factory):
 
     upload_directory(str(local), "s3://score-e2e/shards", s3_server.storage_options)
     output = "s3://score-e2e/scores"
-    summary = run_score(scoring.config("s3://score-e2e/shards/", output, shards_per_unit=2))
+    summary = run_score(scoring.config("s3://score-e2e/shards/", output, shards_per_unit=1, compact_at=1))
     table = pads.dataset(committed_files(output), filesystem=s3_server.filesystem(), format="parquet",
                          partitioning="hive").to_table()
     return {"summary": summary, "table": table, "output": output, "corrupt_key": corrupt_member.split(".")[0],
@@ -110,3 +112,12 @@ def test_bands_partition_the_rows_by_score(scored):
     for row in scored["table"].to_pylist():
         score = row[S.AESTHETIC_SCORE]
         assert row[S.SCORE_BAND] == bands.band_of(None if score is None else float(score))
+
+
+def test_the_run_compacted_the_table_while_it_committed(scored):
+    history = open_table(scored["output"]).history()
+    optimized = [entry["version"] for entry in history if entry.get("operation") == "OPTIMIZE"]
+    committed = [entry["version"] for entry in history if UNIT_KEY in entry]
+    assert len(committed) == len(scored["records"]) >= 2
+    assert optimized and min(optimized) < max(committed), history
+    assert scored["summary"].compacted
