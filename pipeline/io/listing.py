@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from pipeline.config import ListingConfig
 from pipeline.errors import InputError
 from pipeline.io.storage import filesystem, full_uri, join, protocol_of, write_bytes_atomic
-from pipeline.sources.base import _GLOB_CHARS, Entry, Listing, list_entries
+from pipeline.sources.base import _GLOB_CHARS, Entry, Listing, list_entries, local_file_info
 
 FOLDER = "_listing"
 OVERLAP = 1000  # kept keys listed again at the end of a kept listing: one page of an S3 listing
@@ -166,7 +166,7 @@ def _list_after(fs: Any, path: str, start: str | None) -> list[tuple[str, int, s
         return _s3_list_after(fs, path, start)
     if protocol in ("file", "local"):
         found: list[tuple[str, int, str | None]] = []
-        _local_list_after(fs, full_uri(fs, path).rstrip("/") or "/", start, found)
+        _local_list_after(full_uri(fs, path).rstrip("/") or "/", start, found)
         return sorted(found)
     found = []  # any other store: a full listing, cut
     for name, info in fs.find(path, detail=True).items():
@@ -177,12 +177,13 @@ def _list_after(fs: Any, path: str, start: str | None) -> list[tuple[str, int, s
     return sorted(found)
 
 
-def _local_list_after(fs: Any, folder: str, start: str | None, found: list[tuple[str, int, str | None]]) -> None:
+def _local_list_after(folder: str, start: str | None, found: list[tuple[str, int, str | None]]) -> None:
     """Append the files under the local ``folder`` whose URI (the absolute path) sorts after ``start``.
 
     A folder has no StartAfter: its names are read, but only those that can sort after ``start`` are stat'ed
     or descended into. A name sorting before ``start``'s next component holds nothing new unless that
-    component begins with it ("a" before "a.tar": a folder "a" sorts after it, its files with it)."""
+    component begins with it ("a" before "a.tar": a folder "a" sorts after it, its files with it). Files are
+    described as the full listing describes them (:func:`local_file_info`)."""
     prefix = f"{folder.rstrip('/')}/"
     if start is not None and not start.startswith(prefix):
         if prefix < start:
@@ -192,9 +193,12 @@ def _local_list_after(fs: Any, folder: str, start: str | None, found: list[tuple
     names = os.listdir(folder)
     for name in [n for n in names if n > rest or rest.startswith(n)] if rest else names:
         uri = prefix + name
-        info = fs.info(uri)
-        if info.get("type") == "directory":
-            _local_list_after(fs, uri, start, found)
+        try:
+            info = local_file_info(uri)
+        except FileNotFoundError:
+            continue  # removed since the folder was read
+        if info["type"] == "directory":
+            _local_list_after(uri, start, found)
         elif start is None or uri > start:
             entry = Entry(uri, info, "")
             found.append((uri, entry.size, entry.etag))

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 import posixpath
+import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
@@ -19,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import InputError
-from pipeline.io.storage import filesystem, full_uri
+from pipeline.io.storage import filesystem, full_uri, protocol_of
 
 _GLOB_CHARS = set("*?[")
 
@@ -170,7 +172,7 @@ def list_entries(inputs: Iterable[str], storage_options: Mapping[str, Any] | Non
                                   if stem_of(p) in stems})
             elif fs.isdir(path):
                 root = path
-                items = fs.find(path, detail=True)
+                items = local_files(path) if protocol_of(fs) in ("file", "local") else fs.find(path, detail=True)
             elif fs.exists(path):
                 root = posixpath.dirname(path)
                 items = {p: i for p, i in fs.find(root, maxdepth=1, detail=True).items()
@@ -186,6 +188,39 @@ def list_entries(inputs: Iterable[str], storage_options: Mapping[str, Any] | Non
                 uri = full_uri(fs, p)
                 found.setdefault(uri, Entry(uri, info, root_uri))
     return [found[uri] for uri in sorted(found)]
+
+
+def local_file_info(path: str, lstat: os.stat_result | None = None) -> dict[str, Any]:
+    """A local path's info as fsspec's ``find`` reports it (a link's own mtime and its target's size; a link to
+    a folder is not a folder), from a stat or two: fsspec spends more building its info than on the stat.
+    Full and incremental listings both use it, so a file's ETag (its mtime) does not depend on which listed it."""
+    lstat = os.lstat(path) if lstat is None else lstat
+    size = lstat.st_size
+    if stat.S_ISLNK(lstat.st_mode):
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = 0  # a dangling link
+    kind = "directory" if stat.S_ISDIR(lstat.st_mode) else "file" if stat.S_ISREG(lstat.st_mode) else "other"
+    return {"name": path, "size": size, "type": kind, "mtime": lstat.st_mtime}
+
+
+def local_files(folder: str) -> dict[str, dict[str, Any]]:
+    """Every non-folder under the local ``folder`` with its :func:`local_file_info`, by path."""
+    found: dict[str, dict[str, Any]] = {}
+    folders = [folder.rstrip("/") or "/"]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                try:
+                    info = local_file_info(entry.path, entry.stat(follow_symlinks=False))
+                except FileNotFoundError:
+                    continue  # removed since the folder was read
+                if info["type"] == "directory":
+                    folders.append(entry.path)
+                else:
+                    found[entry.path] = info
+    return found
 
 
 def folder_label(folder: str) -> str:

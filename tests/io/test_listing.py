@@ -3,11 +3,11 @@ new files sort after the kept ones; anything else waits for the next full listin
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import pytest
-from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import ListingConfig
 from pipeline.errors import InputError
@@ -75,14 +75,26 @@ def test_on_a_local_disk_only_names_that_can_sort_after_the_kept_end_are_stat_ed
     _write(shards, "00003/00000.tar", "00006.tar", "later/00000.tar")
 
     stat_ed: list[str] = []
-    info = LocalFileSystem.info
-    monkeypatch.setattr(LocalFileSystem, "info", lambda fs, path, **kw: stat_ed.append(path) or info(fs, path, **kw))
+    info = listing.local_file_info
+    monkeypatch.setattr(listing, "local_file_info", lambda path, *args: stat_ed.append(path) or info(path, *args))
     again = listing.list_input_entries([str(shards)], {}, output)
     below = sorted(Path(p).relative_to(shards).as_posix() for p in stat_ed if Path(p) != shards)
     assert again.folders[0].how == "5 kept, 5 listed after 00003.tar"
     assert _same(again.listing.entries) == _same(list_entries([str(shards)]))
     assert below == [
         "00003", "00003.tar", "00003/00000.tar", "00004.tar", "00005.tar", "00006.tar", "later", "later/00000.tar"]
+
+
+def test_a_linked_shard_has_the_same_etag_in_an_incremental_listing_as_in_a_full_one(tmp_path, small_overlap) -> None:
+    shards, output = tmp_path / "shards", str(tmp_path / "out")
+    _write(shards, *(f"{n:05d}.tar" for n in range(4)))
+    _keep(listing.list_input_entries([str(shards)], {}, output))
+    _write(tmp_path / "elsewhere", "00004.tar", data=b"target")
+    (shards / "00004.tar").symlink_to(tmp_path / "elsewhere" / "00004.tar")
+    os.utime(shards / "00004.tar", (1, 1), follow_symlinks=False)
+    again = listing.list_input_entries([str(shards)], {}, output)
+    assert "listed after" in again.folders[0].how
+    assert _same(again.listing.entries) == _same(list_entries([str(shards)]))
 
 
 def test_a_kept_folder_that_is_gone_is_named_in_one_line(tmp_path) -> None:

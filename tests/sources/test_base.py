@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import ConfigError, InputConfig, ScoreConfig
 from pipeline.errors import InputError
 from pipeline.sources import list_items, source_names
-from pipeline.sources.base import list_entries, plan_sticky_units
+from pipeline.sources.base import Entry, list_entries, plan_sticky_units
 from pipeline.sources.files import ImageFile
 
 
@@ -29,6 +32,26 @@ def test_a_folder_lists_every_file_below_it_and_a_glob_or_a_file_brings_its_sibl
     assert [e.relative for e in list_entries([str(tmp_path / "b" / "3.png")])] == ["3.json", "3.png"]
     with pytest.raises(InputError, match="does not exist"):
         list_entries([str(tmp_path / "missing")])
+
+
+def test_a_local_folder_is_listed_as_fsspec_lists_it_links_and_all(tmp_path):
+    """A local folder is walked without fsspec (a third of the time at 696,000 files), but a file's size and
+    ETag stay what fsspec's listing gave, so units committed from either are not seen as changed."""
+    for name in ("00000.tar", "00000.parquet", "sub/00001.tar"):
+        _touch(tmp_path / "in" / name)
+    _touch(tmp_path / "elsewhere" / "00002.tar", b"target bytes")
+    (tmp_path / "in" / "00002.tar").symlink_to(tmp_path / "elsewhere" / "00002.tar")
+    (tmp_path / "in" / "dangling.tar").symlink_to(tmp_path / "missing.tar")
+    (tmp_path / "in" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    os.utime(tmp_path / "in" / "00002.tar", (1, 1), follow_symlinks=False)  # the link's own mtime, not its target's
+
+    ours = {e.uri: (e.size, e.etag) for e in list_entries([str(tmp_path / "in")])}
+    fs = LocalFileSystem()
+    theirs = {path: (Entry(path, info, "").size, Entry(path, info, "").etag)
+              for path, info in fs.find(str(tmp_path / "in"), detail=True).items()}
+    assert ours == theirs
+    assert ours[str(tmp_path / "in" / "00002.tar")] == (len(b"target bytes"), "1.0")
+    assert ours[str(tmp_path / "in" / "dangling.tar")][0] == 0
 
 
 def _config(tmp_path, fmt="auto", **options):
