@@ -106,9 +106,10 @@ def list_input_entries(inputs: Sequence[str], storage_options: Mapping[str, Any]
     folders: list[FolderListing] = []
     for pattern in inputs:
         fs, path = filesystem(pattern, storage_options)
-        kept = None if output is None or any(c in path for c in _GLOB_CHARS) else _read(output, storage_options, pattern)
+        may_keep = output is not None and not any(c in path for c in _GLOB_CHARS)
+        kept = _read(output, storage_options, pattern) if may_keep else None
         # A kept listing says the pattern was a folder; asking the store again costs a LIST on every run.
-        if kept is None and (output is None or any(c in path for c in _GLOB_CHARS) or not _is_folder(fs, path)):
+        if kept is None and not (may_keep and _is_folder(fs, path)):
             tables.append(Listing.of(list_entries([pattern], storage_options)).table)
         else:
             folder = _list_folder(fs, path, pattern, storage_options, kept, config, now)
